@@ -1,0 +1,18 @@
+"""Intra-Fusion structured pruning for PyTorch and PyTorch Lightning."""
+
+from lightning_intrafusion.graph import UnsupportedModelError
+from lightning_intrafusion.ot import OTConfig, TransportError
+from lightning_intrafusion.pruner import count_macs_and_params, prune
+from lightning_intrafusion.report import GroupReport, PruneReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GroupReport",
+    "OTConfig",
+    "PruneReport",
+    "TransportError",
+    "UnsupportedModelError",
+    "count_macs_and_params",
+    "prune",
+]

@@ -1,0 +1,219 @@
+"""Fusion of one dependency group along one transport map.
+
+A group is described by plain tensors (:class:`ChannelSlice`): where each of its ``n`` channels
+lives in every tensor it touches, and whether the tensor *produces* the channels (output rows,
+biases, per-channel norm parameters) or *consumes* them (input columns of the next layer). This
+module knows nothing of Torch-Pruning or Lightning; it turns a ``k x n`` map into new tensors.
+
+Merging rules (exact when every removed channel duplicates a kept one):
+producer rows are a weighted *average* of the channels merged into them, consumer columns a
+weighted *sum*. A producer followed by BatchNorm (:class:`BatchNormFold`) is merged in its folded
+form and re-parameterised so that eval mode computes exactly the folded merge while the BN keeps
+running statistics that describe its (new) input, so train mode stays meaningful.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Role = Literal["producer", "consumer"]
+
+
+@dataclass
+class ChannelSlice:
+    """The channels of a group as they appear in one tensor.
+
+    Attributes:
+        key: a stable name such as ``"features.0.weight"``.
+        tensor: the tensor's current values.
+        dim: the dimension that indexes channels.
+        positions: ``(n, c)`` long tensor; row ``r`` holds the ``c`` indices along ``dim`` that belong
+            to group channel ``r`` (``c > 1`` e.g. for a linear layer after a flatten).
+        role: ``"producer"`` or ``"consumer"``.
+        is_feature: whether it contributes to the channel features (weights do, biases and norm
+            parameters do not).
+    """
+
+    key: str
+    tensor: Tensor
+    dim: int
+    positions: Tensor
+    role: Role
+    is_feature: bool = True
+
+    def rows(self, values: Optional[Tensor] = None) -> Tensor:
+        """Values as an ``(n, c * rest)`` matrix, one row per group channel (float64)."""
+        values = self.tensor if values is None else values
+        n, c = self.positions.shape
+        picked = values.detach().index_select(self.dim, self.positions.reshape(-1).to(values.device))
+        return picked.movedim(self.dim, 0).reshape(n, -1).to(torch.float64)
+
+    def write(self, rows: Tensor, kept: Tensor, base: Optional[Tensor] = None) -> Tensor:
+        """A new tensor equal to ``base`` (default: the current tensor) with the kept channels'
+        entries replaced by ``rows`` (``(k, c * rest)``)."""
+        base = self.tensor.detach() if base is None else base
+        c = self.positions.shape[1]
+        idx = self.positions[kept].reshape(-1).to(base.device)
+        moved_shape = list(base.movedim(self.dim, 0).shape)
+        moved_shape[0] = idx.numel()
+        block = rows.reshape(len(kept), c, -1).reshape(moved_shape).movedim(0, self.dim)
+        return base.index_copy(self.dim, idx, block.to(dtype=base.dtype, device=base.device))
+
+
+@dataclass
+class BatchNormFold:
+    """A producer layer whose output channels feed straight into a BatchNorm (eval form
+    ``y = gamma * (W x + b - mean) / sqrt(var + eps) + beta``)."""
+
+    weight: ChannelSlice
+    bias: Optional[ChannelSlice]
+    bn_weight: ChannelSlice
+    bn_bias: ChannelSlice
+    running_mean: ChannelSlice
+    running_var: ChannelSlice
+    eps: float
+
+    def slices(self) -> List[ChannelSlice]:
+        out = [self.weight, self.bn_weight, self.bn_bias, self.running_mean, self.running_var]
+        return out + ([self.bias] if self.bias is not None else [])
+
+    def scale(self) -> Tensor:
+        """``gamma / sqrt(var + eps)`` per group channel, ``(n,)`` (mean over duplicate positions)."""
+        gamma = self.bn_weight.rows().mean(1)
+        var = self.running_var.rows().mean(1)
+        return gamma / torch.sqrt(var + self.eps)
+
+    def folded_weight(self) -> Tensor:
+        return self.weight.rows() * self.scale()[:, None]
+
+    def folded_bias(self) -> Tensor:
+        """Folded bias without beta: ``gamma * (b - mean) / sqrt(var + eps)``, ``(n,)``."""
+        mean = self.running_mean.rows().mean(1)
+        b = self.bias.rows().mean(1) if self.bias is not None else torch.zeros_like(mean)
+        return self.scale() * (b - mean)
+
+
+def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consumer_merge: str) -> Dict[Role, Tensor]:
+    """Turn a transport map ``T`` (k x n, columns sum to <= 1) into the matrices applied to producer
+    and consumer tensors. A kept channel that received nothing keeps its own values."""
+    t = transport.to(torch.float64)
+    k, n = t.shape
+    identity = torch.zeros_like(t)
+    identity[torch.arange(k), kept.to(t.device)] = 1.0
+    empty = t.sum(1) <= 0
+    t = torch.where(empty[:, None], identity, t)
+
+    def _as(mode: str) -> Tensor:
+        if mode == "sum":
+            return t
+        return t / t.sum(1, keepdim=True)
+
+    return {"producer": _as(producer_merge), "consumer": _as(consumer_merge)}
+
+
+def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = ()) -> Tensor:
+    """Concatenated feature vector of every group channel: producer output rows (BN-folded where a
+    BatchNorm follows) and consumer input columns. Returns ``(n, d)`` float64."""
+    folded = {id(f.weight): f for f in folds}
+    parts = []
+    for s in slices:
+        if not s.is_feature:
+            continue
+        fold = folded.get(id(s))
+        parts.append(fold.folded_weight() if fold is not None else s.rows())
+    if not parts:
+        raise ValueError("dependency group has no weight tensor to describe its channels")
+    return torch.cat(parts, dim=1)
+
+
+def fuse_group(
+    slices: Sequence[ChannelSlice],
+    folds: Sequence[BatchNormFold],
+    transport: Tensor,
+    kept: Tensor,
+    producer_merge: str = "average",
+    consumer_merge: str = "sum",
+) -> Dict[str, Tensor]:
+    """New values for every tensor of a group (same shapes as now; the kept channels hold the
+    merged values, the others are left for the pruner to remove). Nothing is modified in place."""
+    mats = merge_matrices(transport, kept, producer_merge, consumer_merge)
+    out: Dict[str, Tensor] = {}
+    in_fold = {id(s) for f in folds for s in f.slices()}
+    for fold in folds:
+        out.update(_fuse_batchnorm_fold(fold, mats["producer"], kept))
+    for s in slices:
+        if id(s) in in_fold:
+            continue
+        # A tensor can hold the group's channels along two dims (a layer feeding its own input
+        # stream): chain the updates, the row and column merges commute.
+        current = out.get(s.key, s.tensor.detach())
+        merged = mats[s.role].to(current.device) @ s.rows(current)
+        out[s.key] = s.write(merged, kept, base=current)
+    return out
+
+
+def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Dict[str, Tensor]:
+    """Merge a producer+BN pair in folded space and re-parameterise it.
+
+    With ``u_i`` the standardised output of channel ``i`` and ``a`` one row of ``merge``, the
+    merged channel must compute ``sum_i a_i (gamma_i u_i + beta_i)`` in eval mode. The producer is
+    given the folded rows ``sum_i a_i W_i gamma_i / s_i`` and a zero bias, and the BN
+    ``mean' = -sum_i a_i gamma_i (b_i - mean_i) / s_i`` (which is also the true mean of its new input),
+    ``var'`` an estimate of its new input's variance, ``weight' = sqrt(var' + eps)``,
+    ``beta' = sum_i a_i beta_i``. Rows that merge nothing are left exactly as they were.
+    """
+    device = fold.weight.tensor.device
+    merge = merge.to(device)
+    k = len(kept)
+    identity_rows = torch.zeros(k, dtype=torch.bool, device=device)
+    own = merge[torch.arange(k, device=device), kept.to(device)]
+    identity_rows = (own == 1.0) & (merge.abs().sum(1) == 1.0)
+
+    w_f = fold.folded_weight()
+    b_f = fold.folded_bias()
+    beta = fold.bn_bias.rows().mean(1)
+    gamma = fold.bn_weight.rows().mean(1)
+    raw = fold.weight.rows()
+
+    new_w = merge @ w_f
+    new_mean = -(merge @ b_f)
+    new_beta = merge @ beta
+    # Variance of sum_i a_i gamma_i u_i, taking the correlation of u_i and u_j as the cosine
+    # similarity of their producer rows (exact for duplicates; recalibration refines it).
+    unit = torch.nn.functional.normalize(raw, dim=1)
+    corr = (unit @ unit.T).clamp(-1.0, 1.0)
+    ag = merge * gamma[None, :]
+    new_var = torch.einsum("ki,ij,kj->k", ag, corr, ag).clamp_min(1e-12)
+    new_gamma = torch.sqrt(new_var + fold.eps)
+
+    old = {
+        "w": fold.weight.rows()[kept],
+        "mean": fold.running_mean.rows()[kept],
+        "var": fold.running_var.rows()[kept],
+        "gamma": fold.bn_weight.rows()[kept],
+        "beta": fold.bn_bias.rows()[kept],
+    }
+    keep_old = identity_rows[:, None]
+
+    def per_channel(values: Tensor, template: Tensor) -> Tensor:
+        return values[:, None].expand_as(template)
+
+    out = {
+        fold.weight.key: fold.weight.write(torch.where(keep_old, old["w"], new_w), kept),
+        fold.running_mean.key: fold.running_mean.write(
+            torch.where(keep_old, old["mean"], per_channel(new_mean, old["mean"])), kept),
+        fold.running_var.key: fold.running_var.write(
+            torch.where(keep_old, old["var"], per_channel(new_var, old["var"])), kept),
+        fold.bn_weight.key: fold.bn_weight.write(
+            torch.where(keep_old, old["gamma"], per_channel(new_gamma, old["gamma"])), kept),
+        fold.bn_bias.key: fold.bn_bias.write(
+            torch.where(keep_old, old["beta"], per_channel(new_beta, old["beta"])), kept),
+    }
+    if fold.bias is not None:
+        old_b = fold.bias.rows()[kept]
+        out[fold.bias.key] = fold.bias.write(torch.where(keep_old, old_b, torch.zeros_like(old_b)), kept)
+    return out

@@ -1,0 +1,251 @@
+"""The model's channel-dependency graph (Torch-Pruning), seen as plain tensors.
+
+Turns each Torch-Pruning dependency group into :class:`~lightning_intrafusion.fusion.ChannelSlice`
+objects (which tensor holds which channel, producer or consumer side) and decides which groups
+may be pruned: outputs are protected, unsupported layers are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice
+
+_OPTYPE = tp.ops.OPTYPE
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains a layer or a connection that cannot be pruned exactly."""
+
+
+@dataclass
+class PrunableGroup:
+    """One set of coupled channels, ready for importance, OT and fusion."""
+
+    root_name: str
+    width: int
+    slices: List[ChannelSlice]
+    folds: List[BatchNormFold]
+    producers: List[str]
+    members: List[str]
+    blocks: int = 1
+    protected: Optional[str] = None  # why the group must not be pruned, if it must not
+    unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
+    targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
+    layers: List[Tuple[nn.Module, str, torch.Tensor]] = field(default_factory=list, repr=False)
+    tp_group: Any = field(default=None, repr=False)
+    root_module: Optional[nn.Module] = field(default=None, repr=False)
+    root_handler: Any = field(default=None, repr=False)
+
+    def refresh(self) -> None:
+        """Point every slice at its tensor's current value (after another group was fused)."""
+        for s in self.slices:
+            module, attr = self.targets[s.key]
+            s.tensor = getattr(module, attr)
+
+    def removals(self, removed: torch.Tensor) -> List[Tuple[nn.Module, str, List[int]]]:
+        """(layer, side, indices) that removing the group channels ``removed`` takes."""
+        return [(m, side, pos[removed].reshape(-1).tolist()) for m, side, pos in self.layers]
+
+
+def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
+    """Trace ``model`` on ``example_inputs``; the model's train/eval mode is left as it was."""
+    training = {m: m.training for m in model.modules()}
+    try:
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+    except Exception as err:  # surface tracing failures as input errors
+        raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
+    finally:
+        for m, mode in training.items():
+            m.training = mode
+    _repair_concat_offsets(graph)
+    return graph
+
+
+def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
+    """Torch-Pruning leaves a channel concat without offsets when the concatenated tensor is later
+    flattened (it compares the concat width with the flattened consumer's width). The concat sizes
+    it inferred are right; apply them without that comparison."""
+    from torch_pruning.dependency import index_mapping, shape_infer
+
+    for node in graph.module2node.values():
+        if node.type != _OPTYPE.CONCAT or node.module.offsets is not None:
+            continue
+        sizes = node.module.concat_sizes
+        if getattr(node.grad_fn, "_saved_dim", 1) != 1 or not sizes or any(c is None for c in sizes):
+            continue
+        original = shape_infer.infer_in_channels_recursively
+        shape_infer.infer_in_channels_recursively = lambda *args, **kwargs: None
+        try:
+            index_mapping.update_concat_index_mapping(graph, node)
+        finally:
+            shape_infer.infer_in_channels_recursively = original
+
+
+def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
+    """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer.
+
+    Indices are only valid for the graph as traced: decide every group, then remove channels once
+    (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.
+    """
+    names = {m: n for n, m in graph.model.named_modules()}
+    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
+    for tp_group in graph.get_all_groups(root_module_types=roots):
+        yield _describe(graph, tp_group, names)
+
+
+def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, str]) -> PrunableGroup:
+    root_dep = tp_group[0].dep
+    root = root_dep.target.module
+    width = len(tp_group[0].idxs)
+    slices: List[ChannelSlice] = []
+    producers: List[str] = []
+    members: List[str] = []
+    protected: Optional[str] = None
+    unsupported: Optional[str] = None
+    blocks = 1
+    bn_items: List[Tuple[Any, Dict[str, ChannelSlice]]] = []
+    producer_weights: Dict[Any, Tuple[ChannelSlice, Optional[ChannelSlice]]] = {}
+    targets: Dict[str, Tuple[nn.Module, str]] = {}
+    layers: List[Tuple[nn.Module, str, torch.Tensor]] = []
+
+    for item in tp_group:
+        dep = item.dep
+        node = dep.target
+        module = node.module
+        is_out = graph.is_out_channel_pruning_fn(dep.handler)
+        if is_out and not node.outputs:
+            protected = f"its channels are model outputs (produced by {names.get(module, node.name)})"
+        if node.type in (_OPTYPE.CONCAT, _OPTYPE.SPLIT) and getattr(module, "offsets", None) is None:
+            unsupported = (f"a torch.{'cat' if node.type == _OPTYPE.CONCAT else 'split'} whose channel offsets "
+                           "could not be inferred (not along dim 1?)")
+            continue
+        if node.type == _OPTYPE.PARAMETER:
+            unsupported = f"unwrapped nn.Parameter {graph._param_to_name.get(module, '?')}"
+            continue
+        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)) and not _has_stats(module):
+            continue
+        name = names.get(module, type(module).__name__)
+        members.append(name)
+        positions = _positions(item.idxs, item.root_idxs, width)
+        if positions is None:
+            unsupported = f"{name} ({type(module).__name__}) sees the group's channels unevenly (split/slice)"
+            continue
+        spec = _tensor_specs(module, is_out)
+        if spec is None:
+            unsupported = _why_unsupported(name, module)
+            continue
+        layers.append((module, "out" if is_out else "in", positions))
+        if isinstance(module, nn.GroupNorm):
+            blocks = max(blocks, module.num_groups)
+        made: Dict[str, ChannelSlice] = {}
+        for attr, dim, role, feature in spec:
+            tensor = getattr(module, attr, None)
+            if tensor is None:
+                continue
+            key = f"{name}.{attr}" if name else attr
+            made[attr] = ChannelSlice(key, tensor, dim, positions, role, feature)
+            targets[key] = (module, attr)
+            slices.append(made[attr])
+        if spec and spec[0][2] == "producer" and isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            producers.append(name)
+            if "weight" in made and not _is_depthwise(module):
+                producer_weights[node] = (made["weight"], made.get("bias"))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            bn_items.append((node, made))
+
+    folds = _batchnorm_folds(bn_items, producer_weights)
+    return PrunableGroup(
+        root_name=names.get(root, "?"), width=width, slices=slices, folds=folds, producers=producers,
+        members=members, blocks=blocks, protected=protected, unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
+        root_handler=root_dep.handler,
+    )
+
+
+def _has_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels == module.in_channels
+
+
+def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, int, str, bool]]]:
+    """(attribute, channel dim, role, is_feature) for each tensor of ``module`` in the group."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+        if _is_depthwise(module) and not transposed:
+            return [("weight", 0, "producer", True), ("bias", 0, "producer", False)]
+        if module.groups != 1:
+            return None
+        if is_out:
+            return [("weight", 1 if transposed else 0, "producer", True), ("bias", 0, "producer", False)]
+        return [("weight", 0 if transposed else 1, "consumer", True)]
+    if isinstance(module, nn.Linear):
+        if is_out:
+            return [("weight", 0, "producer", True), ("bias", 0, "producer", False)]
+        return [("weight", 1, "consumer", True)]
+    if isinstance(module, nn.Embedding):
+        return [("weight", 1, "producer", True)] if is_out else None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return [(a, 0, "producer", False) for a in ("weight", "bias", "running_mean", "running_var")]
+    if isinstance(module, nn.LayerNorm):
+        if len(module.normalized_shape) != 1:
+            return None
+        return [("weight", 0, "producer", False), ("bias", 0, "producer", False)]
+    if isinstance(module, nn.GroupNorm):
+        return [("weight", 0, "producer", False), ("bias", 0, "producer", False)]
+    if isinstance(module, nn.PReLU):
+        return [("weight", 0, "producer", False)] if module.num_parameters > 1 else []
+    return None
+
+
+def _why_unsupported(name: str, module: nn.Module) -> str:
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+        return f"{name} is a grouped convolution (groups={module.groups}); only depthwise and ungrouped convs are supported"
+    if isinstance(module, nn.MultiheadAttention):
+        return (f"{name} is an nn.MultiheadAttention, whose head size is tied to the embedding width; "
+                "prune its MLP neurons instead or use separate q/k/v linear layers")
+    if isinstance(module, nn.LayerNorm):
+        return f"{name} is a LayerNorm over {tuple(module.normalized_shape)} (only 1-D is supported)"
+    return f"{name} ({type(module).__name__}) is a layer type without a fusion rule"
+
+
+def _positions(idxs: Sequence[int], root_idxs: Sequence[int], width: int) -> Optional[torch.Tensor]:
+    """``(width, c)`` positions: row r lists the indices that root channel r occupies in this item."""
+    buckets: List[List[int]] = [[] for _ in range(width)]
+    for idx, root in zip(idxs, root_idxs):
+        if root is None or not 0 <= int(root) < width:
+            return None
+        buckets[int(root)].append(int(idx))
+    counts = {len(b) for b in buckets}
+    if len(counts) != 1 or 0 in counts:
+        return None
+    return torch.tensor([sorted(b) for b in buckets], dtype=torch.long)
+
+
+def _batchnorm_folds(bn_items: list, producer_weights: dict) -> List[BatchNormFold]:
+    folds = []
+    for node, made in bn_items:
+        if not {"weight", "bias", "running_mean", "running_var"} <= made.keys():
+            continue
+        sources = [n for n in node.inputs if n in producer_weights]
+        if len(node.inputs) != 1 or len(sources) != 1 or len(sources[0].outputs) != 1:
+            continue
+        weight, bias = producer_weights[sources[0]]
+        if weight.positions.shape[1] != 1 or made["weight"].positions.shape[1] != 1:
+            continue
+        folds.append(BatchNormFold(weight, bias, made["weight"], made["bias"], made["running_mean"],
+                                   made["running_var"], float(node.module.eps)))
+    return folds
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -1,0 +1,5 @@
+"""Small reference architectures used by the examples, benchmarks and tests."""
+
+from lightning_intrafusion.models.small import SmallResNet, SmallTransformer, SmallVGG, MixedOpsNet, MLP
+
+__all__ = ["MLP", "MixedOpsNet", "SmallResNet", "SmallTransformer", "SmallVGG"]

@@ -1,0 +1,202 @@
+"""Transport plans between channel features.
+
+Pure math on tensors: no ``nn.Module``, no Torch-Pruning, no Lightning. POT's solvers are called
+with torch tensors so that plans stay on the features' device (exact EMD runs on the CPU inside
+POT and comes back as a tensor of the input's dtype and device).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, asdict, replace
+from typing import Any, Dict, Literal, Optional
+
+import ot as pot
+import torch
+from torch import Tensor
+
+Solver = Literal["emd", "sinkhorn"]
+Formulation = Literal["balanced", "partial"]
+Marginals = Literal["uniform", "importance"]
+Merge = Literal["average", "sum"]
+
+_SOLVERS = ("emd", "sinkhorn")
+_FORMULATIONS = ("balanced", "partial")
+_MARGINALS = ("uniform", "importance")
+_MERGES = ("average", "sum")
+
+
+class TransportError(RuntimeError):
+    """The OT solver failed or returned a plan that is not a valid (converged) transport plan."""
+
+
+@dataclass(frozen=True)
+class OTConfig:
+    """How Intra-Fusion computes and applies a transport plan.
+
+    Args:
+        solver: ``"emd"`` (exact network simplex) or ``"sinkhorn"`` (entropic, GPU-friendly).
+        formulation: ``"balanced"`` forces every removed channel into the kept ones (the paper).
+            ``"partial"`` lets a removed channel be discarded at cost ``max_cost`` instead of being
+            merged into a kept channel that is far from it, so only what is worth merging is merged.
+        max_cost: the price of discarding a channel in the ``"partial"`` formulation, in units of the
+            ground metric between (normalised) feature vectors.
+        p: exponent of the ground metric ``C[i, j] = ||u_i - u_j||_p`` (not raised to the power p).
+        normalize_features: L2-normalise every channel's feature vector before computing costs.
+        marginals: ``"uniform"`` source/target masses, or ``"importance"``-proportional ones.
+        producer_merge: how rows of layers *producing* the channels (and their biases and norm
+            parameters) are merged: ``"average"`` (function preserving) or ``"sum"`` (the release).
+        consumer_merge: how input columns of layers *consuming* the channels are merged.
+        sinkhorn_reg: entropic regularisation, relative to the largest cost.
+        num_iter_max: iteration cap of the solver; hitting it raises :class:`TransportError`.
+    """
+
+    solver: Solver = "emd"
+    formulation: Formulation = "partial"
+    max_cost: float = 1.0
+    p: float = 2.0
+    normalize_features: bool = True
+    marginals: Marginals = "uniform"
+    producer_merge: Merge = "average"
+    consumer_merge: Merge = "sum"
+    sinkhorn_reg: float = 0.01
+    num_iter_max: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        _check_choice("solver", self.solver, _SOLVERS)
+        _check_choice("formulation", self.formulation, _FORMULATIONS)
+        _check_choice("marginals", self.marginals, _MARGINALS)
+        _check_choice("producer_merge", self.producer_merge, _MERGES)
+        _check_choice("consumer_merge", self.consumer_merge, _MERGES)
+        if not self.p > 0:
+            raise ValueError(f"OTConfig.p must be > 0, got {self.p}")
+        if not self.max_cost > 0:
+            raise ValueError(f"OTConfig.max_cost must be > 0, got {self.max_cost}")
+        if not self.sinkhorn_reg > 0:
+            raise ValueError(f"OTConfig.sinkhorn_reg must be > 0, got {self.sinkhorn_reg}")
+        if int(self.num_iter_max) < 1:
+            raise ValueError(f"OTConfig.num_iter_max must be >= 1, got {self.num_iter_max}")
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "OTConfig":
+        """The released Intra-Fusion configuration (balanced exact OT, L1 ground metric, uniform
+        marginals, producer and consumer sides both summed)."""
+        base = cls(
+            solver="emd",
+            formulation="balanced",
+            p=1.0,
+            normalize_features=True,
+            marginals="uniform",
+            producer_merge="sum",
+            consumer_merge="sum",
+        )
+        return replace(base, **overrides)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"Unknown OTConfig.{name} {value!r}; expected one of {list(choices)}")
+
+
+def feature_cost(sources: Tensor, targets: Tensor, p: float = 2.0, normalize: bool = True) -> Tensor:
+    """Ground cost ``C[i, j] = ||u_i - v_j||_p`` between rows of ``sources`` (n x d) and ``targets``
+    (k x d); rows are L2-normalised first when ``normalize``."""
+    if sources.dim() != 2 or targets.dim() != 2 or sources.shape[1] != targets.shape[1]:
+        raise ValueError(
+            f"features must be 2-D with equal widths, got {tuple(sources.shape)} and {tuple(targets.shape)}"
+        )
+    if normalize:
+        sources = torch.nn.functional.normalize(sources, dim=1)
+        targets = torch.nn.functional.normalize(targets, dim=1)
+    return torch.cdist(sources.unsqueeze(0), targets.unsqueeze(0), p=p).squeeze(0)
+
+
+def marginal(n: int, weights: Optional[Tensor] = None, like: Optional[Tensor] = None) -> Tensor:
+    """A probability vector of length ``n``: uniform, or proportional to non-negative ``weights``."""
+    dtype = like.dtype if like is not None else torch.float64
+    device = like.device if like is not None else None
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+    w = weights.detach().to(dtype=dtype, device=device).clamp_min(0)
+    total = w.sum()
+    if not torch.isfinite(total) or total <= 0:
+        return torch.full((n,), 1.0 / n, dtype=dtype, device=device)
+    # A floor keeps every channel in the problem (a zero-mass source would have no plan row).
+    w = w / total + 1e-3 / n
+    return w / w.sum()
+
+
+def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, config: OTConfig) -> Tensor:
+    """Solve the OT problem of ``config`` and return the plan ``G`` (n x k).
+
+    Under ``"partial"``, rows of ``G`` may sum to less than ``source_mass``: the missing mass is
+    discarded. Raises :class:`TransportError` when the solver does not converge.
+    """
+    n, k = cost.shape
+    if source_mass.shape != (n,) or target_mass.shape != (k,):
+        raise ValueError(f"marginal shapes {tuple(source_mass.shape)}, {tuple(target_mass.shape)} do not match cost {n}x{k}")
+    if not torch.isfinite(cost).all():
+        raise TransportError("cost matrix contains NaN or inf (non-finite weights in the group?)")
+    if config.formulation == "balanced":
+        return _solve(cost, source_mass, target_mass, config)
+    return _solve_partial(cost, source_mass, target_mass, config)
+
+
+def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tensor:
+    """Partial transport as a balanced problem on augmented marginals.
+
+    A dummy target (the "discard" bin, cost ``max_cost``) can absorb any source; a dummy source fills
+    whatever capacity of the kept channels is left unused, at no cost. Kept channels can thus absorb
+    at most their balanced share, and a source is merged only where that is cheaper than discarding.
+    """
+    n, k = cost.shape
+    discard = torch.full((n, 1), float(config.max_cost), dtype=cost.dtype, device=cost.device)
+    dummy_row = torch.zeros((1, k + 1), dtype=cost.dtype, device=cost.device)
+    augmented = torch.cat([torch.cat([cost, discard], dim=1), dummy_row], dim=0)
+    one = torch.ones(1, dtype=a.dtype, device=a.device)
+    a_aug = torch.cat([a, one * b.sum()])
+    b_aug = torch.cat([b, one * a.sum()])
+    plan = _solve(augmented, a_aug, b_aug, config)
+    return plan[:n, :k]
+
+
+def _solve(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tensor:
+    a = a.to(cost.dtype)
+    b = b.to(cost.dtype)
+    if config.solver == "emd":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # convergence is checked explicitly below
+            plan, log = pot.emd(a, b, cost, numItermax=int(config.num_iter_max), log=True)
+        if log.get("result_code") != 1:
+            raise TransportError(
+                f"exact OT (ot.emd) did not reach an optimal plan (result_code={log.get('result_code')}, "
+                f"{log.get('warning')}); raise OTConfig.num_iter_max (now {config.num_iter_max}) "
+                "or use solver='sinkhorn'"
+            )
+    else:
+        scale = cost.max().clamp_min(torch.finfo(cost.dtype).tiny)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan, log = pot.sinkhorn(
+                a, b, cost / scale, reg=config.sinkhorn_reg, method="sinkhorn_log",
+                numItermax=int(config.num_iter_max), stopThr=1e-7, log=True,
+            )
+    if not torch.isfinite(plan).all():
+        raise TransportError(f"{config.solver} returned a plan with NaN/inf entries")
+    err = max((plan.sum(1) - a).abs().max().item(), (plan.sum(0) - b).abs().max().item())
+    tol = 1e-6 if config.solver == "emd" else 1e-4
+    if err > tol * max(1.0, float(a.sum())):
+        raise TransportError(
+            f"{config.solver} plan violates its marginals by {err:.2e} (did not converge within "
+            f"num_iter_max={config.num_iter_max}); raise num_iter_max or sinkhorn_reg"
+        )
+    return plan
+
+
+def transport_map(plan: Tensor, source_mass: Tensor) -> Tensor:
+    """``T[j, i] = G[i, j] / mu_i``: the share of source channel ``i`` that goes to target ``j``
+    (k x n). Every column sums to 1, or less where a partial plan discarded mass."""
+    return (plan / source_mass.to(plan.dtype).clamp_min(torch.finfo(plan.dtype).tiny)[:, None]).T

@@ -1,0 +1,311 @@
+"""One structured pruning step: choose the kept channels of every group, merge the others into them
+(Intra-Fusion) or drop them (default), and commit the new shapes atomically.
+
+Knows Torch-Pruning (through :mod:`lightning_intrafusion.graph`); knows nothing of Lightning.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from lightning_intrafusion import ot as ot_math
+from lightning_intrafusion.calibration import call_model, recalibrate_batchnorm
+from lightning_intrafusion.fusion import channel_features, fuse_group
+from lightning_intrafusion.graph import PrunableGroup, UnsupportedModelError, build_graph, iter_groups, matches
+from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance
+from lightning_intrafusion.ot import OTConfig
+from lightning_intrafusion.report import GroupReport, PruneReport
+from lightning_intrafusion.snapshot import ModelSnapshot
+from lightning_intrafusion.surgery import Removal, apply_removals, merge_removals
+
+METHODS = ("intrafusion", "default")
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    sparsity: float,
+    method: str = "intrafusion",
+    importance: ImportanceLike = "l1",
+    ot_config: Optional[OTConfig] = None,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    calibration_data: Optional[Iterable[Any]] = None,
+    calibration_batches: Optional[int] = None,
+    reference_widths: Optional[Mapping[str, int]] = None,
+    channel_blocks: Optional[Mapping[str, int]] = None,
+    gradient_fn: Optional[Callable[[nn.Module], Tensor]] = None,
+) -> PruneReport:
+    """Structurally prune ``model`` in place and return a :class:`PruneReport`.
+
+    Args:
+        model: any ``nn.Module``; channels are physically removed.
+        example_inputs: what ``model(...)`` accepts: a tensor, a tuple (positional) or a dict (keyword).
+        sparsity: fraction of the channels of every pruned group to remove, ``0 <= sparsity < 1``.
+            With ``reference_widths`` it is relative to those widths (cumulative pruning).
+        method: ``"intrafusion"`` merges all channels into the kept ones along an OT plan,
+            ``"default"`` drops the very same channels (the baseline).
+        importance: ``"l1"``, ``"l2"``, ``"taylor"`` (needs ``gradient_fn``), ``"lamp"``, ``"random"``,
+            ``"fpgm"``, ``"bn_scale"``, or a Torch-Pruning-style ``importance(group)`` object.
+        ot_config: :class:`OTConfig`; ``OTConfig.paper()`` reproduces the released configuration.
+        include / exclude: module-name globs; a group is pruned if one of the layers producing its
+            channels matches ``include`` (default: all) and none of its layers matches ``exclude``.
+            Groups whose channels are model outputs are never pruned.
+        calibration_data: optional iterable of input batches; BatchNorm statistics are re-estimated on
+            them after pruning (``calibration_batches`` caps how many are used).
+        reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
+            from an earlier report's ``groups``); defaults to the current widths.
+        channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
+            (e.g. ``{"*.attn.q": head_dim, "*.attn.k": head_dim, "*.attn.v": head_dim}``): whole blocks
+            are kept, removed and merged.
+        gradient_fn: ``fn(model) -> loss``; called once and back-propagated for gradient importances.
+
+    The step is all or nothing: on any error the model is restored exactly and the error re-raised.
+    """
+    _check_arguments(model, sparsity, method, ot_config, include, exclude)
+    ot_config = ot_config or OTConfig()
+    scorer = resolve_importance(importance)
+    if needs_gradients(scorer) and gradient_fn is None:
+        raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")
+
+    start = time.perf_counter()
+    macs_before, params_before = count_macs_and_params(model, example_inputs)
+    output_before = _output_shapes(model, example_inputs)
+    snapshot = ModelSnapshot(model)
+    try:
+        graph = build_graph(model, example_inputs)
+        selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {})
+        if needs_gradients(scorer):
+            _accumulate_gradients(model, gradient_fn)
+        group_reports, removals = _prune_groups(
+            graph, selected, sparsity, method, scorer, ot_config, reference_widths or {}, channel_blocks or {}
+        )
+        if _output_shapes(model, example_inputs) != output_before:
+            raise RuntimeError("pruning changed the model's output shape; the step was rolled back")
+        calibrated = False
+        if calibration_data is not None:
+            recalibrate_batchnorm(model, calibration_data, calibration_batches)
+            calibrated = True
+    except BaseException:
+        snapshot.restore()
+        raise
+    finally:
+        if needs_gradients(scorer):
+            model.zero_grad(set_to_none=True)
+    macs_after, params_after = count_macs_and_params(model, example_inputs)
+    return PruneReport(
+        method=method, sparsity=float(sparsity), params_before=params_before, params_after=params_after,
+        macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
+        groups=group_reports, skipped=skipped, calibrated=calibrated, removals=[list(r) for r in removals],
+    )
+
+
+def count_macs_and_params(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
+    """Multiply-accumulates of one forward pass on ``example_inputs`` and the parameter count."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        with torch.no_grad():
+            macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return int(macs), int(sum(p.numel() for p in model.parameters()))
+
+
+def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, include: Any, exclude: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool) or not 0.0 <= float(sparsity) < 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {list(METHODS)}")
+    if ot_config is not None and not isinstance(ot_config, OTConfig):
+        raise TypeError(f"ot_config must be an OTConfig, got {type(ot_config).__name__}")
+    for label, globs in (("include", include), ("exclude", exclude)):
+        if globs is not None and (isinstance(globs, str) or not all(isinstance(g, str) for g in globs)):
+            raise TypeError(f"{label} must be a list of module-name globs, got {globs!r}")
+
+
+def _output_shapes(model: nn.Module, example_inputs: Any) -> List[Tuple[int, ...]]:
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            out = call_model(model, example_inputs)
+    except Exception as err:
+        raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return [tuple(t.shape) for t in _tensors(out)]
+
+
+def _tensors(obj: Any) -> List[Tensor]:
+    if isinstance(obj, Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (tuple, list)):
+        return [t for v in obj for t in _tensors(v)]
+    if hasattr(obj, "to_tuple"):  # Hugging Face ModelOutput
+        return _tensors(obj.to_tuple())
+    return []
+
+
+def _select_groups(
+    graph: tp.DependencyGraph, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
+    channel_blocks: Mapping[str, int],
+) -> Tuple[List[PrunableGroup], Dict[str, str]]:
+    """Names of the groups to prune (validated, before anything is modified) and why others are not."""
+    selected: List[PrunableGroup] = []
+    skipped: Dict[str, str] = {}
+    used = {g: False for g in list(include or []) + list(exclude or []) + list(channel_blocks)}
+    for group in iter_groups(graph):
+        for pattern in used:
+            if any(matches(name, [pattern]) for name in group.members):
+                used[pattern] = True
+        if group.protected:
+            skipped[group.root_name] = group.protected
+            continue
+        if include is not None and not any(matches(p, include) for p in group.producers):
+            skipped[group.root_name] = "not matched by include"
+            continue
+        if exclude and any(matches(m, exclude) for m in group.members):
+            skipped[group.root_name] = "matched by exclude"
+            continue
+        if group.unsupported:
+            raise UnsupportedModelError(
+                f"cannot prune the channel group of {group.root_name!r}: {group.unsupported}. "
+                "Leave it out with exclude=[...] (module-name globs)."
+            )
+        selected.append(group)
+    unused = [p for p, hit in used.items() if not hit]
+    if unused:
+        raise ValueError(f"module-name globs matched no prunable layer: {unused}")
+    return selected, skipped
+
+
+def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], Tensor]) -> None:
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss = gradient_fn(model)
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("gradient_fn must return a scalar loss tensor")
+        loss.backward()
+
+
+def _prune_groups(
+    graph: tp.DependencyGraph, groups: Sequence[PrunableGroup], sparsity: float, method: str, scorer: Any,
+    config: OTConfig, reference_widths: Mapping[str, int], channel_blocks: Mapping[str, int],
+) -> Tuple[List[GroupReport], List[Removal]]:
+    """Fuse every group (values only; shapes unchanged), then remove all channels in one pass."""
+    reports: List[GroupReport] = []
+    entries = []
+    for group in groups:
+        group.refresh()
+        unit = _block_size(group, channel_blocks)
+        keep = _kept_width(group, sparsity, reference_widths.get(group.root_name), unit)
+        report = GroupReport(group.root_name, group.width, keep, members=list(group.members))
+        reports.append(report)
+        if keep >= group.width:
+            continue
+        scores = scorer(group.tp_group)
+        if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
+            raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
+        scores = scores.detach().double().cpu()
+        kept = _choose_kept(scores, keep, group.blocks, unit)
+        if method == "intrafusion":
+            transport = _transport(group, scores, kept, unit, config)
+            report.merged = int((transport.sum(0) > 0).sum().item()) - len(kept)
+            fused = fuse_group(group.slices, group.folds, _expand_units(transport, unit), _expand_index(kept, unit),
+                               config.producer_merge, config.consumer_merge)
+            _assign(group, fused)
+        removed = torch.tensor(sorted(set(range(group.width)) - set(_expand_index(kept, unit).tolist())), dtype=torch.long)
+        entries.extend(group.removals(removed))
+    names = {m: n for n, m in graph.model.named_modules()}
+    removals = merge_removals(entries, names)
+    apply_removals(graph.model, removals)
+    return reports, removals
+
+
+def _block_size(group: PrunableGroup, channel_blocks: Mapping[str, int]) -> int:
+    sizes = {int(size) for pattern, size in channel_blocks.items() if any(matches(p, [pattern]) for p in group.producers)}
+    if len(sizes) > 1:
+        raise ValueError(f"conflicting channel_blocks sizes {sorted(sizes)} for group {group.root_name!r}")
+    unit = sizes.pop() if sizes else 1
+    if unit < 1 or group.width % unit:
+        raise ValueError(f"channel_blocks size {unit} does not divide the width {group.width} of group {group.root_name!r}")
+    return unit
+
+
+def _kept_width(group: PrunableGroup, sparsity: float, reference: Optional[int], unit: int) -> int:
+    """Channels to keep: ``round((1 - sparsity) * reference)``, at least one per norm block and unit,
+    a multiple of both, never more than now."""
+    step = group.blocks * unit
+    base = group.width if reference is None else int(reference)
+    keep = int(round((1.0 - sparsity) * base / step)) * step
+    return min(group.width, max(step, keep))
+
+
+def _choose_kept(scores: Tensor, keep: int, blocks: int, unit: int) -> Tensor:
+    """Indices (in units) of the kept units: the top scores, equally many in each norm block."""
+    unit_scores = scores.reshape(-1, unit).sum(1)
+    per_block = len(unit_scores) // blocks
+    keep_units = keep // unit // blocks
+    kept = []
+    for b in range(blocks):
+        block = unit_scores[b * per_block:(b + 1) * per_block]
+        # stable sort: ties resolve to the lower index, so the choice is deterministic
+        order = torch.sort(-block, stable=True).indices[:keep_units]
+        kept.append(torch.sort(order).values + b * per_block)
+    return torch.cat(kept)
+
+
+def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:
+    """Block-diagonal transport map (kept units x all units) of the whole group."""
+    features = channel_features(group.slices, group.folds).cpu()
+    features = features.reshape(-1, unit * features.shape[1])
+    unit_scores = scores.reshape(-1, unit).sum(1)
+    n_units = features.shape[0]
+    per_block = n_units // group.blocks
+    transport = torch.zeros(len(kept), n_units, dtype=torch.float64)
+    for b in range(group.blocks):
+        lo, hi = b * per_block, (b + 1) * per_block
+        rows = torch.nonzero((kept >= lo) & (kept < hi)).flatten()
+        targets = kept[rows]
+        cost = ot_math.feature_cost(features[lo:hi], features[targets], p=config.p, normalize=config.normalize_features)
+        weights = unit_scores[lo:hi] if config.marginals == "importance" else None
+        a = ot_math.marginal(hi - lo, weights, like=cost)
+        b_ = ot_math.marginal(len(targets), unit_scores[targets] if weights is not None else None, like=cost)
+        plan = ot_math.transport_plan(cost, a, b_, config)
+        transport[rows[:, None], torch.arange(lo, hi)[None, :]] = ot_math.transport_map(plan, a)
+    return transport
+
+
+def _expand_units(transport: Tensor, unit: int) -> Tensor:
+    """Map over units -> map over channels (channel c of a unit goes to channel c of the target)."""
+    if unit == 1:
+        return transport
+    return torch.kron(transport, torch.eye(unit, dtype=transport.dtype))
+
+
+def _expand_index(kept: Tensor, unit: int) -> Tensor:
+    if unit == 1:
+        return kept
+    return (kept[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+
+
+def _assign(group: PrunableGroup, tensors: Dict[str, Tensor]) -> None:
+    """Put fused values in place (rebinding, never writing into the old storage)."""
+    for key, value in tensors.items():
+        module, attr = group.targets[key]
+        current = getattr(module, attr)
+        if isinstance(current, nn.Parameter):
+            current.data = value
+        else:
+            module._buffers[attr] = value
