@@ -115,13 +115,17 @@ def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consume
     return {"producer": _as(producer_merge), "consumer": _as(consumer_merge)}
 
 
-def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = ()) -> Tensor:
+def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = (),
+                     roles: Sequence[Role] = ("producer", "consumer")) -> Tensor:
     """Concatenated feature vector of every group channel: producer output rows (BN-folded where a
-    BatchNorm follows) and consumer input columns. Returns ``(n, d)`` float64."""
+    BatchNorm follows) and/or consumer input columns, as ``roles`` asks (producer-only falls back to
+    both when no producer has weights). Returns ``(n, d)`` float64."""
+    if not any(s.is_feature and s.role in roles for s in slices):
+        roles = ("producer", "consumer")
     folded = {id(f.weight): f for f in folds}
     parts = []
     for s in slices:
-        if not s.is_feature:
+        if not s.is_feature or s.role not in roles:
             continue
         fold = folded.get(id(s))
         parts.append(fold.folded_weight() if fold is not None else s.rows())

@@ -19,11 +19,13 @@ Solver = Literal["emd", "sinkhorn"]
 Formulation = Literal["balanced", "partial"]
 Marginals = Literal["uniform", "importance"]
 Merge = Literal["average", "sum"]
+Features = Literal["producer", "all"]
 
 _SOLVERS = ("emd", "sinkhorn")
 _FORMULATIONS = ("balanced", "partial")
 _MARGINALS = ("uniform", "importance")
 _MERGES = ("average", "sum")
+_FEATURES = ("producer", "all")
 
 
 class TransportError(RuntimeError):
@@ -41,6 +43,9 @@ class OTConfig:
             merged into a kept channel that is far from it, so only what is worth merging is merged.
         max_cost: the price of discarding a channel in the ``"partial"`` formulation, in units of the
             ground metric between (normalised) feature vectors.
+        features: what describes a channel: ``"producer"`` (the weights that compute it; two channels
+            with equal producer weights are interchangeable whatever their consumers do) or ``"all"``
+            (producer rows and consumer columns concatenated, as in the paper).
         p: exponent of the ground metric ``C[i, j] = ||u_i - u_j||_p`` (not raised to the power p).
         normalize_features: L2-normalise every channel's feature vector before computing costs.
         marginals: ``"uniform"`` source/target masses, or ``"importance"``-proportional ones.
@@ -54,6 +59,7 @@ class OTConfig:
     solver: Solver = "emd"
     formulation: Formulation = "partial"
     max_cost: float = 1.0
+    features: Features = "producer"
     p: float = 2.0
     normalize_features: bool = True
     marginals: Marginals = "uniform"
@@ -66,6 +72,7 @@ class OTConfig:
         _check_choice("solver", self.solver, _SOLVERS)
         _check_choice("formulation", self.formulation, _FORMULATIONS)
         _check_choice("marginals", self.marginals, _MARGINALS)
+        _check_choice("features", self.features, _FEATURES)
         _check_choice("producer_merge", self.producer_merge, _MERGES)
         _check_choice("consumer_merge", self.consumer_merge, _MERGES)
         if not self.p > 0:
@@ -84,6 +91,7 @@ class OTConfig:
         base = cls(
             solver="emd",
             formulation="balanced",
+            features="all",
             p=1.0,
             normalize_features=True,
             marginals="uniform",

@@ -74,8 +74,8 @@ def prune(
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")
 
     start = time.perf_counter()
-    macs_before, params_before = count_macs_and_params(model, example_inputs)
     output_before = _output_shapes(model, example_inputs)
+    macs_before, params_before = count_macs_and_params(model, example_inputs)
     snapshot = ModelSnapshot(model)
     try:
         graph = build_graph(model, example_inputs)
@@ -268,7 +268,8 @@ def _choose_kept(scores: Tensor, keep: int, blocks: int, unit: int) -> Tensor:
 
 def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:
     """Block-diagonal transport map (kept units x all units) of the whole group."""
-    features = channel_features(group.slices, group.folds).cpu()
+    roles = ("producer",) if config.features == "producer" else ("producer", "consumer")
+    features = channel_features(group.slices, group.folds, roles).cpu()
     features = features.reshape(-1, unit * features.shape[1])
     unit_scores = scores.reshape(-1, unit).sum(1)
     n_units = features.shape[0]

@@ -1,0 +1,78 @@
+"""Test utilities: make removed channels exact duplicates of kept ones, and compare models."""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_intrafusion.graph import build_graph, iter_groups, matches
+
+
+class EvenUnitsFirst:
+    """Importance that ranks even units (channels or heads) above odd ones, so at 50% sparsity
+    unit 2m is kept and unit 2m+1 (its duplicate) is removed."""
+
+    def __init__(self, unit: int = 1) -> None:
+        self.unit = unit
+
+    def __call__(self, group) -> torch.Tensor:
+        n = len(group[0].idxs)
+        units = torch.arange(n) // self.unit
+        return (units % 2 == 0).double() + 1e-3 * torch.rand(n, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def duplicate_odd_units(model: nn.Module, example_inputs, include: Optional[Sequence[str]] = None,
+                        units: Optional[Mapping[str, int]] = None) -> None:
+    """In every prunable group, copy the producer side (weights, biases, norm parameters and
+    statistics) of unit 2m onto unit 2m+1. Consumer columns stay independent."""
+    graph = build_graph(model, example_inputs)
+    for group in iter_groups(graph):
+        if group.protected or group.unsupported:
+            continue
+        if include is not None and not any(matches(p, include) for p in group.producers):
+            continue
+        unit = 1
+        for pattern, size in (units or {}).items():
+            if any(matches(p, [pattern]) for p in group.producers):
+                unit = size
+        for s in group.slices:
+            if s.role != "producer":
+                continue
+            module, attr = group.targets[s.key]
+            tensor = getattr(module, attr)
+            for ch in range(group.width):
+                if (ch // unit) % 2 == 1:
+                    src = ch - unit
+                    tensor.index_copy_(s.dim, s.positions[ch], tensor.index_select(s.dim, s.positions[src]))
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+
+
+def state(model: nn.Module) -> dict:
+    """Everything that pruning may change: tensors (cloned) and layer shape attributes."""
+    out = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    out["__repr__"] = repr(model)
+    return out
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if k == "__repr__":
+            assert a[k] == b[k]
+        else:
+            assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
+            assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,214 @@
+"""prune(): shapes, determinism, inputs, reports, persistence, and all-or-nothing failures."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_same_state, randomize_batchnorm, state
+from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
+from lightning_intrafusion.calibration import recalibrate_batchnorm
+from lightning_intrafusion.models import MLP, MixedOpsNet, SmallResNet, SmallTransformer, SmallVGG
+from lightning_intrafusion.surgery import replay_history
+
+X = torch.randn(8, 1, 8, 8)
+
+
+def _resnet():
+    model = SmallResNet(width=8, blocks=(1, 1))
+    randomize_batchnorm(model)
+    return model
+
+
+@pytest.mark.parametrize("factory", [_resnet, lambda: SmallVGG(8), MixedOpsNet, MLP])
+def test_pruned_model_is_consistent_and_runs_in_both_modes(factory):
+    model = factory()
+    out_shape = model(X).shape
+    report = prune(model, X, 0.3)
+    for p in model.parameters():
+        assert p.dtype == torch.float32 and p.device.type == "cpu" and torch.isfinite(p).all()
+    model.train()
+    loss = model(X).sum()
+    loss.backward()  # still trainable
+    model.eval()
+    assert model(X).shape == out_shape
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
+    assert 0.2 < report.achieved_sparsity < 0.4
+    # widths are rounded to whole GroupNorm groups (4 in MixedOpsNet)
+    assert all(abs(g.width_after - 0.7 * g.width_before) <= 2 for g in report.groups)
+
+
+def test_output_layer_is_protected_automatically():
+    model = MLP()
+    report = prune(model, X, 0.5)
+    assert model.head.out_features == 10
+    assert "head" in report.skipped
+
+
+def test_determinism_bit_identical():
+    base = _resnet()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    prune(a, X, 0.5, ot_config=OTConfig(formulation="balanced"))
+    prune(b, X, 0.5, ot_config=OTConfig(formulation="balanced"))
+    assert_same_state(state(a), state(b))
+
+
+def test_dict_inputs():
+    class DictModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = MLP()
+
+        def forward(self, pixels, scale):
+            return self.mlp(pixels) * scale
+
+    model = DictModel()
+    report = prune(model, {"pixels": X, "scale": torch.tensor(2.0)}, 0.5)
+    assert model.mlp.body[0].out_features == 64 and report.params_after < report.params_before
+
+
+def test_include_and_exclude_globs():
+    model = SmallTransformer(dim=32, heads=4, mlp=64)
+    prune(model, X, 0.5, include=["*.fc1"], exclude=["blocks.1.*"])
+    assert model.blocks[0].fc1.out_features == 32
+    assert model.blocks[1].fc1.out_features == 64
+    assert model.blocks[0].attn.q.out_features == 32
+
+
+def test_attention_heads_removed_whole():
+    model = SmallTransformer(dim=32, heads=4, mlp=64)
+    prune(model, X, 0.5, include=["*.attn.q"], channel_blocks={"*.attn.q": 8})
+    attn = model.blocks[0].attn
+    assert attn.q.out_features == attn.k.out_features == attn.v.out_features == attn.o.in_features == 16
+    assert model(X).shape == (8, 10)
+
+
+def test_calibration_reestimates_batchnorm_statistics():
+    model = _resnet()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
+    report = prune(model, X, 0.5, calibration_data=batches)
+    assert report.calibrated
+    reference = copy.deepcopy(model)
+    recalibrate_batchnorm(reference, batches)
+    assert torch.allclose(model.stem[1].running_mean, reference.stem[1].running_mean)
+    assert model.training  # modes restored
+
+
+def test_pruned_state_dict_loads_into_fresh_model_after_replay():
+    model = _resnet()
+    first = prune(model, X, 0.3)
+    second = prune(model, X, 0.3)
+    fresh = SmallResNet(width=8, blocks=(1, 1))
+    replay_history(fresh, [first.removals, second.removals])
+    fresh.load_state_dict(model.state_dict())
+    model.eval(), fresh.eval()
+    assert torch.equal(model(X), fresh(X))
+
+
+def test_reference_widths_make_sparsity_cumulative():
+    model = MLP()
+    first = prune(model, X, 0.25)
+    original = {g.name: g.width_before for g in first.groups}
+    second = prune(model, X, 0.5, reference_widths=original)
+    assert {g.name: g.width_after for g in second.groups} == {"body.0": 64, "body.2": 32}
+
+
+def test_taylor_importance_uses_gradients():
+    model = MLP()
+    target = torch.randint(0, 10, (8,))
+    report = prune(model, X, 0.5, importance="taylor",
+                   gradient_fn=lambda m: nn.functional.cross_entropy(m(X), target))
+    assert report.params_after < report.params_before
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sparsity": -0.1}, "sparsity"),
+    ({"sparsity": 1.0}, "sparsity"),
+    ({"sparsity": "0.5"}, "sparsity"),
+    ({"sparsity": 0.5, "method": "magic"}, "method"),
+    ({"sparsity": 0.5, "importance": "hessian-ish"}, "importance"),
+    ({"sparsity": 0.5, "include": ["no.such.layer*"]}, "matched no"),
+    ({"sparsity": 0.5, "exclude": ["nothing"]}, "matched no"),
+    ({"sparsity": 0.5, "importance": "taylor"}, "gradient_fn"),
+])
+def test_bad_arguments_raise_clear_errors_and_leave_model_untouched(kwargs, match):
+    model = _resnet()
+    before = state(model)
+    with pytest.raises((ValueError, TypeError), match=match):
+        prune(model, X, **kwargs)
+    assert_same_state(before, state(model))
+
+
+def test_inputs_the_model_rejects():
+    model = _resnet()
+    before = state(model)
+    with pytest.raises(ValueError, match="example_inputs"):
+        prune(model, torch.randn(2, 3, 8, 8), 0.5)
+    assert_same_state(before, state(model))
+
+
+def test_unknown_solver_name_rejected_by_config():
+    with pytest.raises(ValueError, match="solver"):
+        OTConfig(solver="hungarian")
+
+
+@pytest.mark.parametrize("layer, match", [
+    (nn.Conv2d(8, 8, 3, padding=1, groups=2), "grouped convolution"),
+])
+def test_unsupported_layers_refused_before_touching_the_model(layer, match):
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), layer, nn.ReLU(), nn.Conv2d(8, 4, 1))
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match=match):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+    prune(model, X, 0.5, exclude=["2"])  # leaving the grouped conv out works
+
+
+def test_multihead_attention_refused_with_advice():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(8, 16)
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 10)
+
+        def forward(self, x):
+            t = self.embed(x.reshape(-1, 8, 8))
+            return self.head(self.mha(t, t, t, need_weights=False)[0].mean(1))
+
+    model = Net()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="MultiheadAttention"):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+
+
+def test_solver_hitting_its_iteration_cap_is_detected_and_rolled_back():
+    model = _resnet()
+    before = state(model)
+    with pytest.raises(TransportError, match="num_iter_max"):
+        prune(model, X, 0.5, ot_config=OTConfig(formulation="balanced", num_iter_max=2))
+    assert_same_state(before, state(model))
+
+
+def test_failure_in_the_middle_of_a_step_restores_everything():
+    calls = []
+    from lightning_intrafusion.importance import resolve_importance
+    l1 = resolve_importance("l1")
+
+    def flaky(group):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom in group 3")
+        return l1(group)
+
+    model = _resnet()
+    before = state(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        prune(model, X, 0.5, importance=flaky)
+    assert len(calls) == 3
+    assert_same_state(before, state(model))
+    prune(model, X, 0.5)  # the restored model prunes normally

@@ -1,0 +1,77 @@
+"""Intra-Fusion preserves the function exactly when every removed channel duplicates a kept one;
+plain pruning of the same channels does not."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import EvenUnitsFirst, duplicate_odd_units, randomize_batchnorm
+from lightning_intrafusion import OTConfig, prune
+from lightning_intrafusion.models import MLP, MixedOpsNet, SmallResNet, SmallTransformer, SmallVGG
+
+IMAGES = torch.randn(8, 1, 8, 8)
+
+CASES = {
+    "vgg": (lambda: SmallVGG(width=8), {}),
+    "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
+    "concat_depthwise_groupnorm_layernorm": (MixedOpsNet, {}),
+    "mlp": (MLP, {}),
+    "transformer_mlp": (lambda: SmallTransformer(dim=32, heads=4, mlp=64), {"include": ["*.fc1"]}),
+    "transformer_heads": (
+        lambda: SmallTransformer(dim=32, heads=4, mlp=64),
+        {"include": ["*.attn.q"], "channel_blocks": {"*.attn.q": 8}},
+    ),
+}
+
+
+def _prepared(name):
+    factory, kwargs = CASES[name]
+    model = factory()
+    randomize_batchnorm(model)
+    unit = next(iter(kwargs.get("channel_blocks", {}).values()), 1)
+    duplicate_odd_units(model, IMAGES, include=kwargs.get("include"), units=kwargs.get("channel_blocks"))
+    return model.eval(), kwargs, unit
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("config", [OTConfig(), OTConfig(formulation="balanced", p=1.0)], ids=["partial", "balanced"])
+def test_fusion_preserves_outputs_of_duplicated_channels(name, config):
+    model, kwargs, unit = _prepared(name)
+    expected = model(IMAGES)
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+
+    report = prune(fused, IMAGES, 0.5, importance=EvenUnitsFirst(unit), ot_config=config, **kwargs)
+    prune(plain, IMAGES, 0.5, method="default", importance=EvenUnitsFirst(unit), **kwargs)
+
+    assert report.params_after < report.params_before
+    assert report.achieved_sparsity == pytest.approx(0.5)
+    fused.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert torch.allclose(fused(IMAGES), expected, atol=1e-5, rtol=1e-4)
+        assert (plain(IMAGES) - expected).abs().max() > 1e-2
+
+
+def test_batchnorm_stays_meaningful_in_train_mode():
+    """After fusion the BN layers hold statistics of their new inputs: a train-mode forward (batch
+    statistics) agrees with the unpruned network's train-mode forward."""
+    model, kwargs, unit = _prepared("vgg")
+    model.train()
+    batch = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(batch)
+    fused = copy.deepcopy(model)
+    prune(fused, IMAGES, 0.5, importance=EvenUnitsFirst(unit))
+    fused.train()
+    with torch.no_grad():
+        got = fused(batch)
+    assert torch.allclose(got, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_paper_preset_sums_producers_so_duplicates_are_not_preserved():
+    model, kwargs, unit = _prepared("mlp")
+    expected = model(IMAGES)
+    fused = copy.deepcopy(model)
+    prune(fused, IMAGES, 0.5, importance=EvenUnitsFirst(unit), ot_config=OTConfig.paper())
+    assert not torch.allclose(fused(IMAGES), expected, atol=1e-3)
