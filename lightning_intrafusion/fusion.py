@@ -97,9 +97,11 @@ class BatchNormFold:
         return self.scale() * (b - mean)
 
 
-def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consumer_merge: str) -> Dict[Role, Tensor]:
+def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consumer_merge: str,
+                   producer_features: Optional[Tensor] = None) -> Dict[Role, Tensor]:
     """Turn a transport map ``T`` (k x n, columns sum to <= 1) into the matrices applied to producer
-    and consumer tensors. A kept channel that received nothing keeps its own values."""
+    and consumer tensors. A kept channel that received nothing keeps its own values. With
+    ``producer_features`` (n x d) the producer rows are rescaled to keep the mean norm of what they merge."""
     t = transport.to(torch.float64)
     k, n = t.shape
     identity = torch.zeros_like(t)
@@ -112,7 +114,16 @@ def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consume
             return t
         return t / t.sum(1, keepdim=True)
 
-    return {"producer": _as(producer_merge), "consumer": _as(consumer_merge)}
+    producer = _as(producer_merge)
+    if producer_features is not None:
+        f = producer_features.to(producer)
+        norms = f.norm(dim=1)
+        shares = t / t.sum(1, keepdim=True)
+        wanted = shares @ norms
+        got = (producer @ f).norm(dim=1) / producer.sum(1).abs().clamp_min(1e-12)
+        ratio = torch.where(got > 1e-12, wanted / got.clamp_min(1e-12), torch.ones_like(got))
+        producer = producer * ratio[:, None]
+    return {"producer": producer, "consumer": _as(consumer_merge)}
 
 
 def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = (),
@@ -141,10 +152,12 @@ def fuse_group(
     kept: Tensor,
     producer_merge: str = "average",
     consumer_merge: str = "sum",
+    preserve_norm: bool = False,
 ) -> Dict[str, Tensor]:
     """New values for every tensor of a group (same shapes as now; the kept channels hold the
     merged values, the others are left for the pruner to remove). Nothing is modified in place."""
-    mats = merge_matrices(transport, kept, producer_merge, consumer_merge)
+    features = channel_features(slices, folds, ("producer",)) if preserve_norm else None
+    mats = merge_matrices(transport, kept, producer_merge, consumer_merge, features)
     out: Dict[str, Tensor] = {}
     in_fold = {id(s) for f in folds for s in f.slices()}
     for fold in folds:

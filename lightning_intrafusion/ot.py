@@ -41,8 +41,9 @@ class OTConfig:
         formulation: ``"balanced"`` forces every removed channel into the kept ones (the paper).
             ``"partial"`` lets a removed channel be discarded at cost ``max_cost`` instead of being
             merged into a kept channel that is far from it, so only what is worth merging is merged.
-        max_cost: the price of discarding a channel in the ``"partial"`` formulation, in units of the
-            ground metric between (normalised) feature vectors.
+        max_cost: the price of discarding a channel in the ``"partial"`` formulation, relative to
+            the median non-zero cost between the group's channels and the kept ones (scale-free, so one value
+            serves every layer width and ground metric).
         features: what describes a channel: ``"producer"`` (the weights that compute it; two channels
             with equal producer weights are interchangeable whatever their consumers do) or ``"all"``
             (producer rows and consumer columns concatenated, as in the paper).
@@ -52,6 +53,9 @@ class OTConfig:
         producer_merge: how rows of layers *producing* the channels (and their biases and norm
             parameters) are merged: ``"average"`` (function preserving) or ``"sum"`` (the release).
         consumer_merge: how input columns of layers *consuming* the channels are merged.
+        preserve_norm: rescale each merged producer channel so that its (folded) weight norm is the
+            transport-weighted mean of the merged channels' norms: averaging dissimilar channels
+            otherwise shrinks them. Exact duplicates are unaffected.
         sinkhorn_reg: entropic regularisation, relative to the largest cost.
         num_iter_max: iteration cap of the solver; hitting it raises :class:`TransportError`.
     """
@@ -59,12 +63,13 @@ class OTConfig:
     solver: Solver = "emd"
     formulation: Formulation = "partial"
     max_cost: float = 1.0
-    features: Features = "producer"
-    p: float = 2.0
+    features: Features = "all"
+    p: float = 1.0
     normalize_features: bool = True
     marginals: Marginals = "uniform"
     producer_merge: Merge = "average"
     consumer_merge: Merge = "sum"
+    preserve_norm: bool = True
     sinkhorn_reg: float = 0.01
     num_iter_max: int = 1_000_000
 
@@ -97,6 +102,7 @@ class OTConfig:
             marginals="uniform",
             producer_merge="sum",
             consumer_merge="sum",
+            preserve_norm=False,
         )
         return replace(base, **overrides)
 
@@ -161,7 +167,9 @@ def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tens
     at most their balanced share, and a source is merged only where that is cheaper than discarding.
     """
     n, k = cost.shape
-    discard = torch.full((n, 1), float(config.max_cost), dtype=cost.dtype, device=cost.device)
+    positive = cost[cost > 1e-6 * cost.max().clamp_min(torch.finfo(cost.dtype).tiny)]
+    scale = positive.median() if positive.numel() else cost.new_tensor(1.0)
+    discard = torch.full((n, 1), float(config.max_cost), dtype=cost.dtype, device=cost.device) * scale
     dummy_row = torch.zeros((1, k + 1), dtype=cost.dtype, device=cost.device)
     augmented = torch.cat([torch.cat([cost, discard], dim=1), dummy_row], dim=0)
     one = torch.ones(1, dtype=a.dtype, device=a.device)

@@ -223,7 +223,7 @@ def _prune_groups(
             transport = _transport(group, scores, kept, unit, config)
             report.merged = int((transport.sum(0) > 0).sum().item()) - len(kept)
             fused = fuse_group(group.slices, group.folds, _expand_units(transport, unit), _expand_index(kept, unit),
-                               config.producer_merge, config.consumer_merge)
+                               config.producer_merge, config.consumer_merge, config.preserve_norm)
             _assign(group, fused)
         removed = torch.tensor(sorted(set(range(group.width)) - set(_expand_index(kept, unit).tolist())), dtype=torch.long)
         entries.extend(group.removals(removed))

@@ -48,9 +48,9 @@ class BasicBlock(nn.Module):
 class SmallResNet(nn.Module):
     """ResNet with basic blocks (residual adds, projection shortcuts)."""
 
-    def __init__(self, width: int = 16, blocks: tuple = (2, 2, 2), num_classes: int = 10) -> None:
+    def __init__(self, width: int = 16, blocks: tuple = (2, 2, 2), num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         layers, c = [], width
         for i, n in enumerate(blocks):
             c_out = width * 2 ** i
@@ -63,6 +63,11 @@ class SmallResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.layers(self.stem(x))
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet18(num_classes: int = 10, in_channels: int = 3) -> SmallResNet:
+    """ResNet-18 layout (64-128-256-512 channels, 2 blocks per stage, 3x3 stem): 11.2M parameters."""
+    return SmallResNet(width=64, blocks=(2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels)
 
 
 class MixedOpsNet(nn.Module):
