@@ -64,7 +64,7 @@ class OTConfig:
     formulation: Formulation = "partial"
     max_cost: float = 1.0
     features: Features = "all"
-    p: float = 1.0
+    p: float = 2.0
     normalize_features: bool = True
     marginals: Marginals = "uniform"
     producer_merge: Merge = "average"
@@ -125,6 +125,8 @@ def feature_cost(sources: Tensor, targets: Tensor, p: float = 2.0, normalize: bo
     if normalize:
         sources = torch.nn.functional.normalize(sources, dim=1)
         targets = torch.nn.functional.normalize(targets, dim=1)
+    if sources.dtype == torch.float64:  # single precision is ample for costs and much faster
+        return feature_cost(sources.float(), targets.float(), p, normalize=False).double()
     return torch.cdist(sources.unsqueeze(0), targets.unsqueeze(0), p=p).squeeze(0)
 
 

@@ -35,7 +35,11 @@ def _prepared(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-@pytest.mark.parametrize("config", [OTConfig(), OTConfig(formulation="balanced", p=1.0)], ids=["partial", "balanced"])
+@pytest.mark.parametrize(
+    "config",
+    [OTConfig(features="producer"), OTConfig(formulation="balanced"), OTConfig(formulation="balanced", preserve_norm=False)],
+    ids=["partial-producer-features", "balanced", "balanced-plain-average"],
+)
 def test_fusion_preserves_outputs_of_duplicated_channels(name, config):
     model, kwargs, unit = _prepared(name)
     expected = model(IMAGES)
