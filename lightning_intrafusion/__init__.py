@@ -1,13 +1,30 @@
 """Intra-Fusion structured pruning for PyTorch and PyTorch Lightning."""
 
+from lightning_intrafusion.callback import IntraFusionCallback, restore_pruned
 from lightning_intrafusion.graph import UnsupportedModelError
 from lightning_intrafusion.ot import OTConfig, TransportError
 from lightning_intrafusion.pruner import count_macs_and_params, prune
 from lightning_intrafusion.report import GroupReport, PruneReport
+from lightning_intrafusion.schedule import (
+    ConstantSchedule,
+    CubicSchedule,
+    ExplicitSchedule,
+    ExponentialSchedule,
+    LinearSchedule,
+    SparsitySchedule,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConstantSchedule",
+    "CubicSchedule",
+    "ExplicitSchedule",
+    "ExponentialSchedule",
+    "IntraFusionCallback",
+    "LinearSchedule",
+    "SparsitySchedule",
+    "restore_pruned",
     "GroupReport",
     "OTConfig",
     "PruneReport",

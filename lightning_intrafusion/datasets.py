@@ -28,8 +28,9 @@ def digits_tensors(test_fraction: float = 0.3, seed: int = 0) -> Tuple[TensorDat
 class DigitsDataModule(pl.LightningDataModule):
     """Digits with a fixed train/validation split."""
 
-    def __init__(self, batch_size: int = 64, test_fraction: float = 0.3, seed: int = 0) -> None:
+    def __init__(self, batch_size: int = 64, test_fraction: float = 0.3, seed: int = 0, shuffle: bool = True) -> None:
         super().__init__()
+        self.shuffle = shuffle
         self.batch_size = batch_size
         self.test_fraction = test_fraction
         self.seed = seed
@@ -38,7 +39,7 @@ class DigitsDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = digits_tensors(self.test_fraction, self.seed)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True,
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=self.shuffle,
                           generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:

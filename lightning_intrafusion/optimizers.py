@@ -1,0 +1,70 @@
+"""Carry optimizer state across a pruning step: new parameters get the old state (momentum, Adam
+moments) sliced to the channels that were kept, matched by parameter name."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
+                 module_name: str) -> Dict[int, Tensor]:
+    """For each dim that shrank, the indices (in the old tensor) that survive."""
+    mine = [(side, idxs) for name, side, idxs in removals if name == module_name]
+    out: Dict[int, Tensor] = {}
+    for dim, (a, b) in enumerate(zip(old_shape, new_shape)):
+        if a == b:
+            continue
+        # the "out" side of a layer is its dim 0 (ConvTranspose: dim 1), the "in" side the other one
+        candidates = [idxs for side, idxs in mine if len(idxs) == a - b]
+        preferred = [idxs for side, idxs in mine if len(idxs) == a - b and (side == "out") == (dim == 0)]
+        chosen = (preferred or candidates or [None])[0]
+        if chosen is None:
+            raise ValueError(f"cannot tell which channels of {module_name} dim {dim} were kept")
+        removed = set(chosen)
+        out[dim] = torch.tensor([i for i in range(a) if i not in removed], dtype=torch.long)
+    return out
+
+
+def slice_state(value: Tensor, kept: Mapping[int, Tensor]) -> Tensor:
+    for dim, idx in kept.items():
+        value = value.index_select(dim, idx.to(value.device))
+    return value
+
+
+def snapshot_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module) -> Dict[str, dict]:
+    """``{parameter name: {state key: tensor}}`` of every optimizer, plus the parameter's shape."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    out: Dict[str, dict] = {}
+    for opt in optimizers:
+        for p, state in opt.state.items():
+            if id(p) in names:
+                out[names[id(p)]] = {"shape": tuple(p.shape), "state": dict(state)}
+    return out
+
+
+def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module,
+                            saved: Mapping[str, dict], removals: Sequence[Tuple[str, str, List[int]]]) -> int:
+    """Put the saved state on the new parameters, sliced to their kept channels. Returns how many
+    parameters got their state back."""
+    params = dict(module.named_parameters())
+    restored = 0
+    for opt in optimizers:
+        owned = {id(p) for g in opt.param_groups for p in g["params"]}
+        for name, entry in saved.items():
+            p = params.get(name)
+            if p is None or id(p) not in owned:
+                continue
+            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            kept = kept_indices(entry["shape"], p.shape, removals, module_name)
+            new_state = {}
+            for key, value in entry["state"].items():
+                if isinstance(value, Tensor) and tuple(value.shape) == entry["shape"]:
+                    new_state[key] = slice_state(value, kept).clone()
+                else:
+                    new_state[key] = value.clone() if isinstance(value, Tensor) else value
+            opt.state[p] = new_state
+            restored += 1
+    return restored

@@ -1,0 +1,36 @@
+"""A small LightningModule on digits used by the callback tests."""
+
+import lightning.pytorch as pl
+import torch
+from torch.nn import functional as F
+
+from lightning_intrafusion.models import SmallVGG
+
+
+class LitClassifier(pl.LightningModule):
+    def __init__(self, width: int = 8, lr: float = 0.05, optimizer: str = "sgd", scheduler: bool = True):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = SmallVGG(width=width)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        if self.hparams.optimizer == "adam":
+            opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        if not self.hparams.scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)}

@@ -1,0 +1,127 @@
+"""IntraFusionCallback in real Trainer fits on digits."""
+
+import pytest
+import lightning.pytorch as pl
+import torch
+
+from lit import LitClassifier
+from lightning_intrafusion import IntraFusionCallback, restore_pruned
+from lightning_intrafusion.datasets import DigitsDataModule
+
+
+def _trainer(tmp_path, callbacks, max_epochs=4, **kwargs):
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      deterministic=True, **kwargs)
+
+
+def _params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_fit_prunes_on_schedule_and_keeps_training(tmp_path):
+    pl.seed_everything(0)
+    model = LitClassifier()
+    dense_params = _params(model)
+    cb = IntraFusionCallback(target_sparsity=0.5, start=1, end=3, every=1, schedule="linear")
+    trainer = _trainer(tmp_path, [cb], max_epochs=5)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert cb.fired == 3
+    sparsities = [r["achieved_sparsity"] for r in cb.records]
+    assert sparsities == pytest.approx([1 / 6, 2 / 6, 0.5], abs=0.05)
+    params = [r["params"] for r in cb.records]
+    assert dense_params > params[0] > params[1] > params[2] == _params(model)
+    for r in cb.records:
+        assert {"acc_pre", "acc_post", "acc_post_default", "seconds"} <= r.keys()
+    # training went on after the last event and recovered
+    assert trainer.callback_metrics["val_acc"] > 0.9
+    assert trainer.callback_metrics["intrafusion/sparsity"] == pytest.approx(0.5)
+    # the optimizer trains the new parameters and the LR schedule was not reset (StepLR gamma 0.7 / epoch)
+    opt = trainer.optimizers[0]
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 0.7 ** 5)
+
+
+def test_optimizer_state_is_carried_over_for_kept_channels(tmp_path):
+    pl.seed_everything(0)
+    model = LitClassifier(optimizer="adam", lr=1e-3, scheduler=False)
+    seen = {}
+
+    class Spy(IntraFusionCallback):
+        def _rebuild_optimizers(self, trainer, pl_module, optimizer_state, *args):
+            seen["before"] = {k: {n: t.clone() for n, t in v["state"].items() if torch.is_tensor(t)}
+                              for k, v in optimizer_state.items()}
+            super()._rebuild_optimizers(trainer, pl_module, optimizer_state, *args)
+            opt = trainer.optimizers[0]
+            names = {id(p): n for n, p in pl_module.named_parameters()}
+            seen["after"] = {names[id(p)]: {n: t.clone() for n, t in s.items() if torch.is_tensor(t)}
+                             for p, s in opt.state.items()}
+            seen["removals"] = args[-1]
+
+    cb = Spy(target_sparsity=0.5, start=1, evaluate=False)
+    _trainer(tmp_path, [cb], max_epochs=2).fit(model, datamodule=DigitsDataModule())
+    before, after = seen["before"], seen["after"]
+    name = "net.features.0.0.weight"  # first conv: output channels pruned
+    removed = next(idx for n, side, idx in seen["removals"] if n == "net.features.0.0" and side == "out")
+    kept = [i for i in range(before[name]["exp_avg"].shape[0]) if i not in set(removed)]
+    assert after[name]["exp_avg"].shape[0] == len(kept)
+    assert torch.equal(after[name]["exp_avg"], before[name]["exp_avg"][kept])
+    assert torch.equal(after[name]["exp_avg_sq"], before[name]["exp_avg_sq"][kept])
+    assert torch.equal(after[name]["step"], before[name]["step"])
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
+    def run(max_epochs, ckpt_path=None, save=False):
+        pl.seed_everything(0)
+        model = LitClassifier()
+        cb = IntraFusionCallback(target_sparsity=0.6, start=1, end=3, every=2, schedule="linear", evaluate=False)
+        callbacks = [cb]
+        if save:
+            callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1,
+                                                          filename="{epoch}"))
+        trainer = pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, default_root_dir=tmp_path, logger=False,
+                             enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                             enable_checkpointing=save, num_sanity_val_steps=0)
+        # unshuffled: the datamodule's shuffling generator is not part of the checkpoint
+        trainer.fit(model, datamodule=DigitsDataModule(shuffle=False), ckpt_path=ckpt_path)
+        return model, cb
+
+    full, _ = run(5, save=True)
+    # epoch=1 checkpoint: after the first event (start of epoch 1), before the second (epoch 3)
+    resumed, cb = run(5, ckpt_path=str(tmp_path / "ckpt" / "epoch=1.ckpt"))
+    assert cb.fired == 2
+    assert repr(resumed) == repr(full)
+    for (n, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6), n
+
+    restored = restore_pruned(LitClassifier(), str(tmp_path / "ckpt" / "epoch=4.ckpt"))
+    x = torch.randn(4, 1, 8, 8)
+    full.eval(), restored.eval()
+    assert torch.equal(full(x), restored(x))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(target_sparsity=1.0), "target_sparsity"),
+    (dict(target_sparsity=-0.1), "target_sparsity"),
+    (dict(target_sparsity=0.5, start=4, end=2), "before start"),
+    (dict(target_sparsity=0.5, schedule="zigzag"), "Unknown schedule"),
+    (dict(target_sparsity=0.5, unit="minute"), "unit"),
+    (dict(target_sparsity=0.5, schedule=lambda i, n: 0.5 - 0.1 * i, start=1, end=2), "decreases"),
+])
+def test_bad_configuration_fails_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        IntraFusionCallback(**kwargs)
+
+
+def test_bad_configuration_fails_before_training(tmp_path):
+    model = LitClassifier()
+    with pytest.raises(ValueError, match="max_epochs"):
+        _trainer(tmp_path, [IntraFusionCallback(0.5, start=5)], max_epochs=3).fit(model, datamodule=DigitsDataModule())
+    from lightning_intrafusion.datasets import digits_tensors
+    train, _ = digits_tensors()
+    loader = torch.utils.data.DataLoader(train, batch_size=64)
+    with pytest.raises(ValueError, match="validation data"):
+        _trainer(tmp_path, [IntraFusionCallback(0.5, start=1)], max_epochs=3).fit(LitClassifier(), loader)
+    swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01)
+    with pytest.raises(RuntimeError, match="full-size copy"):
+        _trainer(tmp_path, [IntraFusionCallback(0.5, start=1), swa], max_epochs=3).fit(LitClassifier(), datamodule=DigitsDataModule())
