@@ -14,6 +14,8 @@ from lightning_intrafusion.schedule import (
     SparsitySchedule,
 )
 
+from lightning_intrafusion.tracking import wandb_logger
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "LinearSchedule",
     "SparsitySchedule",
     "restore_pruned",
+    "wandb_logger",
     "GroupReport",
     "OTConfig",
     "PruneReport",

@@ -30,6 +30,7 @@ from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.pruner import prune
 from lightning_intrafusion.schedule import ScheduleFn, SparsitySchedule, check_monotone, resolve_schedule
 from lightning_intrafusion.surgery import replay_history
+from lightning_intrafusion.tracking import PruningTracker, ensure_wandb_usable, metric_name
 
 HISTORY_KEY = "intrafusion_history"  # stored in checkpoint["state_dict"] so weights can be loaded
 
@@ -110,6 +111,17 @@ class IntraFusionCallback(Callback):
         self.records: List[Dict[str, float]] = []
         self._recent: Deque[Any] = deque(maxlen=max(1, self.recalibrate_batches))
         self._hook = None
+        self.tracker = PruningTracker(self.settings())
+
+    def settings(self) -> Dict[str, Any]:
+        """The callback's configuration as plain values (recorded in the logger's run config)."""
+        ot = self.prune_kwargs["ot_config"] or OTConfig()
+        return {"target_sparsity": self.target_sparsity, "events": list(self.events), "unit": self.unit,
+                "schedule": getattr(self.schedule, "__name__", repr(self.schedule)),
+                "sparsities": list(self.sparsities), "method": self.method,
+                "importance": str(self.prune_kwargs["importance"]), "ot_config": ot.to_dict(),
+                "include": self.prune_kwargs["include"], "exclude": self.prune_kwargs["exclude"],
+                "compare_default": self.compare_default, "recalibrate_batches": self.recalibrate_batches}
 
     @staticmethod
     def _event_points(start: int, end: Optional[int], every: int, epochs: Optional[Sequence[int]]) -> List[int]:
@@ -144,6 +156,7 @@ class IntraFusionCallback(Callback):
                              "(epochs count from 0)")
         if self.unit == "step" and trainer.max_steps not in (None, -1) and self.events[-1] >= trainer.max_steps:
             raise ValueError(f"pruning event at step {self.events[-1]} is past max_steps={trainer.max_steps}")
+        ensure_wandb_usable(trainer.loggers)
         if self._hook is None:
             self._hook = pl_module._register_load_state_dict_pre_hook(self._rebuild_before_load, with_module=True)
 
@@ -196,9 +209,10 @@ class IntraFusionCallback(Callback):
         reached = 1.0 - sum(g.width_after for g in report.groups) / original if original else 0.0
         record.update(params=float(report.params_after), macs=float(report.macs_after),
                       achieved_sparsity=reached, seconds=time.perf_counter() - started)
+        if index == 0:
+            record.update(params_before=float(report.params_before), macs_before=float(report.macs_before))
         self.records.append(record)
-        for key, value in record.items():
-            pl_module.log(f"intrafusion/{key}", value, on_step=True, on_epoch=False, batch_size=1)
+        self.tracker.publish(trainer, record, report.widths())
         if self.verbose:
             rank_zero_info(self._summary_line(trainer, record, report))
 
@@ -282,6 +296,7 @@ class IntraFusionCallback(Callback):
         self.history = [list(map(list, step)) for step in state_dict["history"]]
         self.reference_widths = {str(k): int(v) for k, v in state_dict["reference_widths"].items()}
         self.records = [dict(r) for r in state_dict.get("records", [])]
+        self.tracker.rows = [dict(r) for r in self.records]
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: Dict[str, Any]) -> None:
         checkpoint["state_dict"][HISTORY_KEY] = json.dumps(self.history)

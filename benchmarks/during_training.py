@@ -1,0 +1,122 @@
+"""Prune while training on digits with IntraFusionCallback: 0 -> 70% over 4 events, from scratch.
+
+    python benchmarks/during_training.py
+
+Runs (same seed, same data): dense; Intra-Fusion; default pruning; Intra-Fusion + BN re-estimation.
+Prints accuracy right after each event, final accuracy, params/MACs and the time the callback added.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.nn import functional as F
+
+from lightning_intrafusion import IntraFusionCallback, count_macs_and_params
+from lightning_intrafusion.datasets import DigitsDataModule
+from lightning_intrafusion.models import SmallVGG
+
+EPOCHS = 14
+EVENTS = dict(start=2, end=8, every=2)  # 4 events: epochs 2, 4, 6, 8
+
+
+class Lit(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = SmallVGG(width=32)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)}
+
+
+class StepTimer(Callback):
+    """Wall time of every training step (batch start to batch end), per epoch."""
+
+    def __init__(self) -> None:
+        self.times = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.setdefault(trainer.current_epoch, []).append(time.perf_counter() - self._t)
+
+
+def run(callback):
+    pl.seed_everything(0, workers=True)
+    model = Lit()
+    timer = StepTimer()
+    callbacks = [callback, timer] if callback is not None else [timer]
+    trainer = pl.Trainer(max_epochs=EPOCHS, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=DigitsDataModule())
+    total = time.perf_counter() - start
+    macs, params = count_macs_and_params(model.net, torch.zeros(1, 1, 8, 8))
+    return float(trainer.callback_metrics["val_acc"]) * 100, params, macs, total, timer, callback
+
+
+def main() -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"command: python benchmarks/during_training.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmallVGG(width=32) on digits, "
+          f"{EPOCHS} epochs, events at epochs 2,4,6,8, target 70% (linear schedule)\n")
+    runs = {
+        "dense": None,
+        "intra-fusion": IntraFusionCallback(0.7, schedule="linear", compare_default=False, verbose=False, **EVENTS),
+        "default": IntraFusionCallback(0.7, schedule="linear", method="default", verbose=False, **EVENTS),
+        "intra-fusion + BN recal": IntraFusionCallback(0.7, schedule="linear", compare_default=False,
+                                                       recalibrate_batches=8, verbose=False, **EVENTS),
+    }
+    results = {name: run(cb) for name, cb in runs.items()}
+    print("| run | acc after event 1 / 2 / 3 / 4 | final acc | params | MACs | callback seconds |")
+    print("|---|---|---|---|---|---|")
+    for name, (acc, params, macs, total, timer, cb) in results.items():
+        if cb is None:
+            after, spent = "-", "-"
+        else:
+            key = "acc_post_recalibrated" if cb.recalibrate_batches else "acc_post"
+            after = " / ".join(f"{100 * r[key]:.1f}" for r in cb.records)
+            spent = f"{sum(r['seconds'] for r in cb.records):.2f}"
+        print(f"| {name} | {after} | {acc:.1f} | {params:,} | {macs:,} | {spent} |")
+    overhead()
+
+
+def overhead(repeats: int = 5) -> None:
+    """Fit time of 2 epochs with and without a callback that never fires, alternated in one process."""
+    import statistics
+
+    times = {"without": [], "with": []}
+    for _ in range(repeats):
+        for label in ("without", "with"):
+            cb = [IntraFusionCallback(0.5, unit="step", start=10**9, evaluate=False)] if label == "with" else []
+            pl.seed_everything(0)
+            trainer = pl.Trainer(max_epochs=2, callbacks=cb, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                 limit_val_batches=0)
+            t = time.perf_counter()
+            trainer.fit(Lit(), datamodule=DigitsDataModule())
+            times[label].append(time.perf_counter() - t)
+    a, b = statistics.median(times["without"]), statistics.median(times["with"])
+    print(f"\nsteps where nothing fires: 2-epoch fit, median of {repeats} alternated runs: without callback "
+          f"{a:.3f} s, with callback {b:.3f} s, ratio {b / a:.3f}")
+
+if __name__ == "__main__":
+    main()
