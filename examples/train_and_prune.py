@@ -1,16 +1,16 @@
-"""Train a small VGG on scikit-learn's digits with Lightning, prune it one-shot with Intra-Fusion
-(and, for comparison, plain pruning of the same channels), fine-tune briefly, and log everything.
+"""Train a small VGG on scikit-learn's digits and shrink it *while it trains* with
+IntraFusionCallback: 0 -> 70% of channels removed over 4 events, every event logged.
 
-    python examples/train_and_prune.py                 # logs to CSV and to W&B offline (if installed)
-    python examples/train_and_prune.py --sparsity 0.7
+    python examples/train_and_prune.py                    # CSV + W&B (offline) logs under ./runs
+    python examples/train_and_prune.py --target 0.5 --events 1 3 5
 
-W&B runs are written offline to ./runs/wandb; `wandb sync runs/wandb/offline-run-*` uploads them.
+W&B runs are written offline; `wandb sync runs/wandb/offline-run-*` uploads them (or set
+WANDB_MODE=online with a logged-in account to stream live).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 
 import lightning.pytorch as pl
@@ -18,16 +18,16 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn import functional as F
 
-from lightning_intrafusion import prune
+from lightning_intrafusion import IntraFusionCallback
 from lightning_intrafusion.datasets import DigitsDataModule
 from lightning_intrafusion.models import SmallVGG
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, lr: float = 3e-3) -> None:
+    def __init__(self, width: int = 32, lr: float = 0.05, epochs: int = 14) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = SmallVGG(width=32)
+        self.net = SmallVGG(width=width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -35,7 +35,7 @@ class Classifier(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = F.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -43,74 +43,49 @@ class Classifier(pl.LightningModule):
         self.log("val/acc", (self(x).argmax(1) == y).float().mean(), prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9, weight_decay=5e-4)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.hparams.epochs)}
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, loader) -> float:
-    model.eval()
-    hits = total = 0
-    for x, y in loader:
-        hits += (model(x).argmax(1) == y).sum().item()
-        total += len(y)
-    return 100.0 * hits / total
-
-
-def loggers(save_dir: str):
-    out = [CSVLogger(save_dir, name="csv")]
+def make_loggers(save_dir: str) -> list:
+    loggers = [CSVLogger(save_dir, name="csv")]
     try:
-        import wandb  # noqa: F401
-        from lightning.pytorch.loggers import WandbLogger
+        from lightning_intrafusion import wandb_logger
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        out.append(WandbLogger(project="lightning-intrafusion-example", save_dir=save_dir))
+        loggers.append(wandb_logger(project="lightning-intrafusion-example", save_dir=save_dir))
     except ImportError:
         print("wandb is not installed: logging to CSV only (pip install wandb)")
-    return out
+    return loggers
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--finetune-epochs", type=int, default=2)
-    parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--target", type=float, default=0.7)
+    parser.add_argument("--events", type=int, nargs="+", default=[2, 4, 6, 8])
     parser.add_argument("--save-dir", default="runs")
     args = parser.parse_args()
 
     pl.seed_everything(0, workers=True)
-    data = DigitsDataModule()
-    data.setup()
-    model = Classifier()
-    run_loggers = loggers(args.save_dir)
-    trainer = pl.Trainer(max_epochs=args.epochs, logger=run_loggers, enable_checkpointing=False,
+    loggers = make_loggers(args.save_dir)
+    pruning = IntraFusionCallback(target_sparsity=args.target, epochs=args.events, schedule="cubic",
+                                  recalibrate_batches=8)
+    trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[pruning], logger=loggers, enable_checkpointing=False,
                          deterministic=True, log_every_n_steps=5)
-    trainer.fit(model, datamodule=data)
+    model = Classifier(epochs=args.epochs)
+    dense = sum(p.numel() for p in model.parameters())
+    trainer.fit(model, datamodule=DigitsDataModule())
 
-    val = data.val_dataloader()
-    example = next(iter(val))[0][:8]
-    acc_dense = accuracy(model, val)
-    plain = copy.deepcopy(model)
-    prune(plain.net, example, args.sparsity, method="default")
-    report = prune(model.net, example, args.sparsity)  # Intra-Fusion, data-free
-    acc_fused, acc_plain = accuracy(model, val), accuracy(plain, val)
-    print(report)
-    print(f"accuracy: dense {acc_dense:.1f}%  |  after Intra-Fusion {acc_fused:.1f}%  |  "
-          f"after plain pruning {acc_plain:.1f}%  (no fine-tuning)")
-    metrics = {"intrafusion/sparsity": report.achieved_sparsity, "intrafusion/acc_pre": acc_dense,
-               "intrafusion/acc_post": acc_fused, "intrafusion/acc_post_default": acc_plain,
-               "intrafusion/params": report.params_after, "intrafusion/macs": report.macs_after,
-               "intrafusion/seconds": report.seconds}
-    for logger in run_loggers:
-        logger.log_metrics(metrics, step=trainer.global_step)
-
-    finetune = pl.Trainer(max_epochs=args.finetune_epochs, logger=run_loggers, enable_checkpointing=False,
-                          deterministic=True, log_every_n_steps=5)
-    finetune.fit(model, datamodule=data)  # a fresh Trainer builds optimizers for the new parameters
-    print(f"after {args.finetune_epochs} fine-tuning epochs: {accuracy(model, val):.1f}% "
-          f"with {report.params_after:,} of {report.params_before:,} parameters")
-    for logger in run_loggers:
-        logger.finalize("success")
-    if len(run_loggers) > 1:
+    print("\nevent  sparsity  acc before  after fusion  plain pruning  fusion+BN recal  params")
+    for r in pruning.records:
+        print(f"{int(r['event']) + 1:5d}  {r['sparsity']:8.1%}  {r['acc_pre']:10.1%}  {r['acc_post']:12.1%}  "
+              f"{r['acc_post_default']:13.1%}  {r['acc_post_recalibrated']:15.1%}  {int(r['params']):,}")
+    final = float(trainer.callback_metrics["val/acc"])
+    params = sum(p.numel() for p in model.parameters())
+    print(f"final: val accuracy {final:.1%} with {params:,} of {dense:,} parameters ({1 - params / dense:.0%} fewer)")
+    print(f"plot: {os.path.join(loggers[0].log_dir, 'intrafusion_accuracy_vs_sparsity.png')}")
+    if len(loggers) > 1:
         import wandb
 
         wandb.finish()

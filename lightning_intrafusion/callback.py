@@ -213,8 +213,13 @@ class IntraFusionCallback(Callback):
             record.update(params_before=float(report.params_before), macs_before=float(report.macs_before))
         self.records.append(record)
         self.tracker.publish(trainer, record, report.widths())
-        if self.verbose:
-            rank_zero_info(self._summary_line(trainer, record, report))
+        if self.verbose and trainer.is_global_zero:
+            line = self._summary_line(trainer, record, report)
+            bar = trainer.progress_bar_callback
+            if bar is not None and hasattr(bar, "print"):
+                bar.print(line)  # keeps progress bars intact
+            else:
+                rank_zero_info(line)
 
     def _summary_line(self, trainer: "pl.Trainer", record: Dict[str, float], report: Any) -> str:
         where = f"epoch {trainer.current_epoch}" if self.unit == "epoch" else f"step {trainer.global_step}"
