@@ -86,9 +86,7 @@ def main() -> None:
     print(f"final: val accuracy {final:.1%} with {params:,} of {dense:,} parameters ({1 - params / dense:.0%} fewer)")
     print(f"plot: {os.path.join(loggers[0].log_dir, 'intrafusion_accuracy_vs_sparsity.png')}")
     if len(loggers) > 1:
-        import wandb
-
-        wandb.finish()
+        loggers[1].experiment.finish()
         print(f"W&B run saved offline under {args.save_dir}/wandb; upload with: wandb sync {args.save_dir}/wandb/offline-run-*")
 
 

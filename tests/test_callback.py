@@ -125,3 +125,24 @@ def test_bad_configuration_fails_before_training(tmp_path):
     swa = pl.callbacks.StochasticWeightAveraging(swa_lrs=0.01)
     with pytest.raises(RuntimeError, match="full-size copy"):
         _trainer(tmp_path, [IntraFusionCallback(0.5, start=1), swa], max_epochs=3).fit(LitClassifier(), datamodule=DigitsDataModule())
+
+
+def test_mixed_precision_training_keeps_working(tmp_path):
+    pl.seed_everything(0)
+    model = LitClassifier()
+    cb = IntraFusionCallback(target_sparsity=0.5, start=1, end=2, schedule="linear")
+    trainer = _trainer(tmp_path, [cb], max_epochs=4, precision="bf16-mixed")
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert cb.fired == 2
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert trainer.callback_metrics["val_acc"] > 0.5
+
+
+def test_step_unit_fires_between_optimizer_steps(tmp_path):
+    pl.seed_everything(0)
+    model = LitClassifier()
+    cb = IntraFusionCallback(target_sparsity=0.4, unit="step", start=10, end=30, every=10, schedule="cubic")
+    trainer = _trainer(tmp_path, [cb], max_epochs=2)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert cb.fired == 3
+    assert [r["sparsity"] for r in cb.records] == pytest.approx([0.4 * (1 - (2 / 3) ** 3), 0.4 * (1 - (1 / 3) ** 3), 0.4])

@@ -44,11 +44,11 @@ def _fit(tmp_path, loggers, epochs=4):
 def test_offline_wandb_run_holds_metrics_table_plot_summary_and_config(tmp_path, wandb_env):
     logger = WandbLogger(project="test", save_dir=str(tmp_path))
     trainer, cb = _fit(tmp_path, [logger])
-    wandb.finish()
+    logger.experiment.finish()  # flushes the offline run file
     run = read_run(str(tmp_path))
 
     events = [row for row in run["history"] if "intrafusion/acc_post" in row]
-    assert len(events) == 2
+    assert len(events) == 2, [sorted(r) for r in run["history"]]
     for row, record in zip(events, cb.records):
         for key in KEYS:
             assert key in row, key
@@ -97,5 +97,18 @@ def test_wandb_without_credentials_falls_back_to_offline(tmp_path, wandb_env, mo
         logger = wandb_logger(project="test", save_dir=str(tmp_path))
     _, cb = _fit(tmp_path, [logger], epochs=3)
     assert cb.fired == 2
-    wandb.finish()
+    logger.experiment.finish()
     assert glob.glob(os.path.join(tmp_path, "wandb", "offline-run-*", "run-*.wandb"))
+
+
+def test_tensorboard_logger_gets_the_same_keys(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    _, cb = _fit(tmp_path, [logger], epochs=3)
+    acc = EventAccumulator(logger.log_dir)
+    acc.Reload()
+    for key in KEYS:
+        values = [e.value for e in acc.Scalars(key)]
+        assert values == pytest.approx([r[key.split("/")[1]] for r in cb.records], rel=1e-5), key
