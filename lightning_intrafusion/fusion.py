@@ -190,11 +190,12 @@ def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Di
     own = merge[torch.arange(k, device=device), kept.to(device)]
     identity_rows = (own == 1.0) & (merge.abs().sum(1) == 1.0)
 
-    w_f = fold.folded_weight()
+    raw = fold.weight.rows()
+    scale = fold.scale()
+    w_f = raw * scale[:, None]
     b_f = fold.folded_bias()
     beta = fold.bn_bias.rows().mean(1)
     gamma = fold.bn_weight.rows().mean(1)
-    raw = fold.weight.rows()
 
     new_w = merge @ w_f
     new_mean = -(merge @ b_f)
@@ -204,11 +205,11 @@ def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Di
     unit = torch.nn.functional.normalize(raw, dim=1)
     corr = (unit @ unit.T).clamp(-1.0, 1.0)
     ag = merge * gamma[None, :]
-    new_var = torch.einsum("ki,ij,kj->k", ag, corr, ag).clamp_min(1e-12)
+    new_var = ((ag @ corr) * ag).sum(1).clamp_min(1e-12)
     new_gamma = torch.sqrt(new_var + fold.eps)
 
     old = {
-        "w": fold.weight.rows()[kept],
+        "w": raw[kept],
         "mean": fold.running_mean.rows()[kept],
         "var": fold.running_var.rows()[kept],
         "gamma": fold.bn_weight.rows()[kept],
