@@ -3,7 +3,8 @@
 from lightning_intrafusion.callback import IntraFusionCallback, restore_pruned
 from lightning_intrafusion.graph import UnsupportedModelError
 from lightning_intrafusion.ot import OTConfig, TransportError
-from lightning_intrafusion.pruner import count_macs_and_params, prune
+from lightning_intrafusion.cost import count_macs_and_params
+from lightning_intrafusion.pruner import prune
 from lightning_intrafusion.report import GroupReport, PruneReport
 from lightning_intrafusion.schedule import (
     ConstantSchedule,

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import call_model, recalibrate_batchnorm
+from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.fusion import channel_features, fuse_group
 from lightning_intrafusion.graph import PrunableGroup, UnsupportedModelError, build_graph, iter_groups, matches
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance
@@ -103,18 +104,6 @@ def prune(
         macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
         groups=group_reports, skipped=skipped, calibrated=calibrated, removals=[list(r) for r in removals],
     )
-
-
-def count_macs_and_params(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
-    """Multiply-accumulates of one forward pass on ``example_inputs`` and the parameter count."""
-    modes = {m: m.training for m in model.modules()}
-    try:
-        with torch.no_grad():
-            macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    return int(macs), int(sum(p.numel() for p in model.parameters()))
 
 
 def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, include: Any, exclude: Any) -> None:
