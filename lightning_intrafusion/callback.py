@@ -30,7 +30,7 @@ from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.pruner import prune
 from lightning_intrafusion.schedule import ScheduleFn, SparsitySchedule, check_monotone, resolve_schedule
 from lightning_intrafusion.surgery import replay_history
-from lightning_intrafusion.tracking import PruningTracker, ensure_wandb_usable, metric_name
+from lightning_intrafusion.tracking import PruningTracker, ensure_wandb_usable
 
 HISTORY_KEY = "intrafusion_history"  # stored in checkpoint["state_dict"] so weights can be loaded
 
