@@ -2,7 +2,7 @@
 
 Scalars go to every logger once per event under the same ``intrafusion/<name>`` keys, and into
 ``trainer.callback_metrics`` (so ModelCheckpoint and EarlyStopping can monitor them). With a
-``WandbLogger`` there is also a pruning axis, a history table, an accuracy-vs-sparsity plot and a run
+``WandbLogger`` there are also pruning axes (event index, and sparsity for ``by_sparsity/*``), a history table, an accuracy-vs-sparsity plot and a run
 summary; other loggers with a directory get the plot as a PNG. Knows loggers, not pruning.
 """
 
@@ -141,6 +141,9 @@ class PruningTracker:
         if not self._axis_defined:
             run.define_metric(metric_name("event"))
             run.define_metric(metric_name("*"), step_metric=metric_name("event"))
+            # the same accuracies once more, charted against sparsity
+            run.define_metric(metric_name("sparsity_axis"))
+            run.define_metric(metric_name("by_sparsity/*"), step_metric=metric_name("sparsity_axis"))
             run.config.update({"intrafusion": self.settings}, allow_val_change=True)
             self._axis_defined = True
         directory = os.path.join(logger.save_dir or ".", "intrafusion")
@@ -150,6 +153,8 @@ class PruningTracker:
             metric_name("history"): wandb.Table(columns=TABLE_COLUMNS, data=self.table_rows()),
             metric_name("accuracy_vs_sparsity"): wandb.Image(png),
             metric_name("event"): row["event"],
+            metric_name("sparsity_axis"): row["sparsity"],
+            **{metric_name(f"by_sparsity/{k}"): row[k] for k in ACCURACY_KEYS if k in row},
         })
         for key, value in self.summary().items():
             run.summary[metric_name(key)] = value

@@ -55,6 +55,10 @@ def test_offline_wandb_run_holds_metrics_table_plot_summary_and_config(tmp_path,
             assert row[key] == pytest.approx(record[key.split("/")[1]], rel=1e-6)
     # the pruning axis and the per-event media
     assert ("intrafusion/*", "intrafusion/event") in run["metrics"]
+    assert ("intrafusion/by_sparsity/*", "intrafusion/sparsity_axis") in run["metrics"]
+    by_sparsity = [row for row in run["history"] if "intrafusion/by_sparsity/acc_post" in row]
+    assert [r["intrafusion/sparsity_axis"] for r in by_sparsity] == pytest.approx([r["sparsity"] for r in cb.records])
+    assert [r["intrafusion/by_sparsity/acc_post"] for r in by_sparsity] == pytest.approx([r["acc_post"] for r in cb.records])
     media = [row for row in run["history"] if "intrafusion/history" in row]
     assert len(media) == 2
     table_path = os.path.join(run["dir"], "files", media[-1]["intrafusion/history"]["path"])
