@@ -212,3 +212,22 @@ def test_failure_in_the_middle_of_a_step_restores_everything():
     assert len(calls) == 3
     assert_same_state(before, state(model))
     prune(model, X, 0.5)  # the restored model prunes normally
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_is_kept(dtype):
+    model = _resnet().to(dtype)
+    x = X.to(dtype)
+    prune(model, x, 0.5)
+    assert all(p.dtype == dtype for p in model.parameters())
+    assert all(b.dtype == dtype for n, b in model.named_buffers() if "num_batches" not in n)
+    model.eval()
+    assert model(x).dtype == dtype and torch.isfinite(model(x).float()).all()
+
+
+def test_sinkhorn_solver_prunes():
+    model = _resnet()
+    report = prune(model, X, 0.5, ot_config=OTConfig(solver="sinkhorn"))
+    assert report.params_after < report.params_before
+    model.eval()
+    assert torch.isfinite(model(X)).all()

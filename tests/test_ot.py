@@ -1,0 +1,70 @@
+"""Transport plans: marginals, partial discarding, Sinkhorn vs exact, and failures that are detected."""
+
+import pytest
+import torch
+
+from lightning_intrafusion.ot import OTConfig, TransportError, feature_cost, marginal, transport_map, transport_plan
+
+
+def _points():
+    g = torch.Generator().manual_seed(0)
+    kept = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    near = kept + 0.01 * torch.randn(3, 5, generator=g, dtype=torch.float64)
+    far = -kept[:1] * 3 + 0.5
+    return torch.cat([kept, near, far]), kept  # 7 sources, 3 targets
+
+
+def test_balanced_map_moves_every_channel_whole_and_duplicates_to_their_twin():
+    sources, targets = _points()
+    cost = feature_cost(sources, targets, p=2)
+    a, b = marginal(7, like=cost), marginal(3, like=cost)
+    plan = transport_plan(cost, a, b, OTConfig(formulation="balanced"))
+    assert torch.allclose(plan.sum(1), a) and torch.allclose(plan.sum(0), b)
+    t = transport_map(plan, a)
+    assert torch.allclose(t.sum(0), torch.ones(7, dtype=t.dtype))
+    for i in range(3):  # kept channel i and its near twin 3+i go to target i
+        assert t[i, i] > 0.99 and t[i, 3 + i] > 0.3
+
+
+def test_partial_discards_a_channel_far_from_every_kept_one():
+    sources, targets = _points()
+    cost = feature_cost(sources, targets, p=2)
+    a, b = marginal(7, like=cost), marginal(3, like=cost)
+    t = transport_map(transport_plan(cost, a, b, OTConfig(formulation="partial", max_cost=0.5)), a)
+    assert t[:, 6].sum() == pytest.approx(0.0, abs=1e-9)  # the far channel is dropped, as plain pruning would
+    assert all(t[i, 3 + i] == pytest.approx(1.0) for i in range(3))  # near twins are merged
+
+
+def test_sinkhorn_approximates_exact_transport():
+    g = torch.Generator().manual_seed(1)
+    sources = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    cost = feature_cost(sources, sources[:6], p=2)
+    a, b = marginal(12, like=cost), marginal(6, like=cost)
+    exact = transport_plan(cost, a, b, OTConfig(formulation="balanced"))
+    entropic = transport_plan(cost, a, b, OTConfig(formulation="balanced", solver="sinkhorn", sinkhorn_reg=0.005))
+    assert torch.allclose(entropic.sum(1), a, atol=1e-5)
+    assert (exact * cost).sum() <= (entropic * cost).sum() + 1e-9
+    assert (entropic * cost).sum() == pytest.approx((exact * cost).sum().item(), rel=0.1)
+
+
+def test_failures_are_detected():
+    cost = torch.rand(20, 10, dtype=torch.float64)
+    a, b = marginal(20, like=cost), marginal(10, like=cost)
+    with pytest.raises(TransportError, match="num_iter_max"):
+        transport_plan(cost, a, b, OTConfig(formulation="balanced", num_iter_max=3))
+    with pytest.raises(TransportError, match="NaN or inf"):
+        transport_plan(cost.clone().fill_(float("nan")), a, b, OTConfig())
+    with pytest.raises(TransportError, match="did not converge"):
+        transport_plan(cost, a, b, OTConfig(formulation="balanced", solver="sinkhorn", num_iter_max=1, sinkhorn_reg=1e-4))
+
+
+def test_importance_marginals_are_proportional_and_never_zero():
+    m = marginal(4, torch.tensor([0.0, 1.0, 1.0, 2.0]), like=torch.zeros(1, dtype=torch.float64))
+    assert m.sum() == pytest.approx(1.0) and (m > 0).all() and m[3] > m[1] > m[0]
+
+
+@pytest.mark.parametrize("field, value", [("solver", "hungarian"), ("formulation", "fuzzy"), ("p", 0.0),
+                                          ("max_cost", -1.0), ("producer_merge", "max"), ("features", "bias")])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        OTConfig(**{field: value})
