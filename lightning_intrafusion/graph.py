@@ -38,7 +38,8 @@ class PrunableGroup:
     protected: Optional[str] = None  # why the group must not be pruned, if it must not
     unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
     targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
-    layers: List[Tuple[nn.Module, str, torch.Tensor]] = field(default_factory=list, repr=False)
+    # (layer, "out" | "in", positions), or (parameter name, "dim<d>", positions) for a bare parameter
+    layers: List[Tuple[Any, str, torch.Tensor]] = field(default_factory=list, repr=False)
     tp_group: Any = field(default=None, repr=False)
     root_module: Optional[nn.Module] = field(default=None, repr=False)
     root_handler: Any = field(default=None, repr=False)
@@ -49,7 +50,7 @@ class PrunableGroup:
             module, attr = self.targets[s.key]
             s.tensor = getattr(module, attr)
 
-    def removals(self, removed: torch.Tensor) -> List[Tuple[nn.Module, str, List[int]]]:
+    def removals(self, removed: torch.Tensor) -> List[Tuple[Any, str, List[int]]]:
         """(layer, side, indices) that removing the group channels ``removed`` takes."""
         return [(m, side, pos[removed].reshape(-1).tolist()) for m, side, pos in self.layers]
 
@@ -114,7 +115,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
     bn_items: List[Tuple[Any, Dict[str, ChannelSlice]]] = []
     producer_weights: Dict[Any, Tuple[ChannelSlice, Optional[ChannelSlice]]] = {}
     targets: Dict[str, Tuple[nn.Module, str]] = {}
-    layers: List[Tuple[nn.Module, str, torch.Tensor]] = []
+    layers: List[Tuple[Any, str, torch.Tensor]] = []
 
     for item in tp_group:
         dep = item.dep
@@ -128,7 +129,19 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
                            "could not be inferred (not along dim 1?)")
             continue
         if node.type == _OPTYPE.PARAMETER:
-            unsupported = f"unwrapped nn.Parameter {graph._param_to_name.get(module, '?')}"
+            # a bare nn.Parameter used in forward (e.g. a positional embedding added to the stream)
+            name = graph._param_to_name.get(module)
+            dims = [u.pruning_dim for u in graph.unwrapped_parameters if u.parameters is module]
+            positions = _positions(item.idxs, item.root_idxs, width)
+            if name is None or not dims or positions is None:
+                unsupported = f"unwrapped nn.Parameter {name or '?'}"
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = graph.model.get_submodule(owner_name) if owner_name else graph.model
+            slices.append(ChannelSlice(name, module, dims[0], positions, "producer", False))
+            targets[name] = (owner, attr)
+            layers.append((name, f"dim{dims[0]}", positions))
+            members.append(name)
             continue
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)) and not _has_stats(module):
             continue

@@ -17,6 +17,11 @@ def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: S
     for dim, (a, b) in enumerate(zip(old_shape, new_shape)):
         if a == b:
             continue
+        explicit = [idxs for side, idxs in mine if side == f"dim{dim}"]
+        if explicit:  # a bare parameter: the dim is recorded
+            removed = set(explicit[0])
+            out[dim] = torch.tensor([i for i in range(a) if i not in removed], dtype=torch.long)
+            continue
         # the "out" side of a layer is its dim 0 (ConvTranspose: dim 1), the "in" side the other one
         candidates = [idxs for side, idxs in mine if len(idxs) == a - b]
         preferred = [idxs for side, idxs in mine if len(idxs) == a - b and (side == "out") == (dim == 0)]
@@ -57,7 +62,8 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
             p = params.get(name)
             if p is None or id(p) not in owned:
                 continue
-            module_name = name.rsplit(".", 1)[0] if "." in name else ""
+            bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
+            module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
             kept = kept_indices(entry["shape"], p.shape, removals, module_name)
             new_state = {}
             for key, value in entry["state"].items():

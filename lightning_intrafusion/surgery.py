@@ -9,12 +9,13 @@ class rebuilds the pruned shapes (so ``load_state_dict`` works on pruned checkpo
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
+import torch
 import torch_pruning as tp
 from torch import nn
 
-Removal = Tuple[str, str, List[int]]  # (module name, "out" | "in", indices)
+Removal = Tuple[str, str, List[int]]  # (module name, "out" | "in", indices) or (parameter name, "dim<d>", indices)
 
 _PRUNERS = tp.DependencyGraph()  # only used as a registry of per-layer pruning functions
 
@@ -26,26 +27,44 @@ def pruning_function(module: nn.Module, side: str):
     return pruner.prune_out_channels if side == "out" else pruner.prune_in_channels
 
 
-def merge_removals(entries: Sequence[Tuple[nn.Module, str, Sequence[int]]], names: Dict[nn.Module, str]) -> List[Removal]:
+def merge_removals(entries: Sequence[Tuple[Any, str, Sequence[int]]], names: Dict[nn.Module, str]) -> List[Removal]:
     """Union of the indices removed from each (layer, pruning function); sides that share one
-    function (norm layers, depthwise convs) are merged so that nothing is removed twice."""
-    merged: Dict[Tuple[int, object], Tuple[nn.Module, str, set]] = {}
-    for module, side, idxs in entries:
-        fn = pruning_function(module, side)
-        key = (id(module), getattr(fn, "__func__", fn))
+    function (norm layers, depthwise convs) are merged so that nothing is removed twice. Bare
+    parameters come as (parameter name, "dim<d>", indices)."""
+    merged: Dict[Tuple[Any, object], Tuple[Any, str, set]] = {}
+    for target, side, idxs in entries:
+        if isinstance(target, str):
+            key: Tuple[Any, object] = (target, side)
+        else:
+            fn = pruning_function(target, side)
+            key = (id(target), getattr(fn, "__func__", fn))
         if key not in merged:
-            merged[key] = (module, side, set())
+            merged[key] = (target, side, set())
         merged[key][2].update(int(i) for i in idxs)
-    return [(names[m], side, sorted(idxs)) for m, side, idxs in merged.values() if idxs]
+    return [(t if isinstance(t, str) else names[t], side, sorted(idxs)) for t, side, idxs in merged.values() if idxs]
 
 
 def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
     """Remove the listed channels (indices refer to the widths before this call)."""
     modules = dict(model.named_modules())
     for name, side, idxs in removals:
+        if side.startswith("dim"):
+            _prune_parameter(model, name, int(side[3:]), idxs)
+            continue
         if name not in modules:
             raise ValueError(f"pruning history names a module {name!r} that the model does not have")
         pruning_function(modules[name], side)(modules[name], list(idxs))
+
+
+def _prune_parameter(model: nn.Module, name: str, dim: int, idxs: Sequence[int]) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    param = getattr(owner, attr, None)
+    if not isinstance(param, nn.Parameter):
+        raise ValueError(f"pruning history names a parameter {name!r} that the model does not have")
+    removed = set(int(i) for i in idxs)
+    keep = torch.tensor([i for i in range(param.shape[dim]) if i not in removed], dtype=torch.long, device=param.device)
+    setattr(owner, attr, nn.Parameter(param.data.index_select(dim, keep), requires_grad=param.requires_grad))
 
 
 def replay_history(model: nn.Module, history: Sequence[Sequence[Removal]]) -> None:

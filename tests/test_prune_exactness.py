@@ -18,6 +18,13 @@ CASES = {
     "concat_depthwise_groupnorm_layernorm": (MixedOpsNet, {}),
     "mlp": (MLP, {}),
     "transformer_mlp": (lambda: SmallTransformer(dim=32, heads=4, mlp=64), {"include": ["*.fc1"]}),
+    # residual stream (with a bare positional-embedding parameter), heads and MLP at once; every group
+    # duplicated and ranked in units of 8 channels (one head)
+    "transformer_everything": (
+        lambda: SmallTransformer(dim=32, heads=4, mlp=64),
+        {"channel_blocks": {"*.attn.q": 8}},
+        {"*": 8},
+    ),
     "transformer_heads": (
         lambda: SmallTransformer(dim=32, heads=4, mlp=64),
         {"include": ["*.attn.q"], "channel_blocks": {"*.attn.q": 8}},
@@ -26,11 +33,12 @@ CASES = {
 
 
 def _prepared(name):
-    factory, kwargs = CASES[name]
+    factory, kwargs, *dup_units = CASES[name]
     model = factory()
     randomize_batchnorm(model)
     unit = next(iter(kwargs.get("channel_blocks", {}).values()), 1)
-    duplicate_odd_units(model, IMAGES, include=kwargs.get("include"), units=kwargs.get("channel_blocks"))
+    units = dup_units[0] if dup_units else kwargs.get("channel_blocks")
+    duplicate_odd_units(model, IMAGES, include=kwargs.get("include"), units=units)
     return model.eval(), kwargs, unit
 
 
