@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import struct
+import time
 from typing import Any, Dict, List
 
 from wandb.proto import wandb_internal_pb2
@@ -24,6 +25,8 @@ def records(path: str) -> List[Any]:
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
         pos += 7
+        if pos + length > len(data):  # a record still being written
+            break
         payload = data[pos:pos + length]
         pos += length
         if kind == 1:
@@ -39,13 +42,22 @@ def records(path: str) -> List[Any]:
     return [wandb_internal_pb2.Record.FromString(p) for p in out]
 
 
-def read_run(save_dir: str) -> Dict[str, Any]:
-    """history rows, summary, config and metric definitions of the single offline run in save_dir."""
+def read_run(save_dir: str, timeout: float = 60.0) -> Dict[str, Any]:
+    """history rows, summary, config and metric definitions of the single offline run in save_dir.
+
+    wandb's service writes the file asynchronously, even after ``finish()`` returns: wait until the
+    run's exit record is on disk."""
     files = glob.glob(os.path.join(save_dir, "wandb", "offline-run-*", "run-*.wandb"))
     assert len(files) == 1, files
-    run = {"history": [], "summary": {}, "config": {}, "metrics": [], "dir": os.path.dirname(files[0])}
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in records(files[0])):
+        assert time.monotonic() < deadline, f"{files[0]} has no exit record after {timeout}s"
+        time.sleep(0.1)
+    run = {"history": [], "summary": {}, "config": {}, "metrics": [], "dir": os.path.dirname(files[0]),
+           "kinds": [], "size": os.path.getsize(files[0])}
     for rec in records(files[0]):
         kind = rec.WhichOneof("record_type")
+        run["kinds"].append(kind)
         if kind == "history":
             row: Dict[str, Any] = {}
             for i in rec.history.item:
