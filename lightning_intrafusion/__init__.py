@@ -1,6 +1,7 @@
 """Intra-Fusion structured pruning for PyTorch and PyTorch Lightning."""
 
-from lightning_intrafusion.callback import IntraFusionCallback, restore_pruned
+from lightning_intrafusion.callback import IntraFusionCallback
+from lightning_intrafusion.checkpoint import prune_checkpoint, restore_pruned
 from lightning_intrafusion.graph import UnsupportedModelError
 from lightning_intrafusion.ot import OTConfig, TransportError
 from lightning_intrafusion.cost import count_macs_and_params
@@ -27,6 +28,7 @@ __all__ = [
     "IntraFusionCallback",
     "LinearSchedule",
     "SparsitySchedule",
+    "prune_checkpoint",
     "restore_pruned",
     "wandb_logger",
     "GroupReport",

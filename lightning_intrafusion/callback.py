@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_intrafusion.calibration import recalibrate_batchnorm
+from lightning_intrafusion.checkpoint import HISTORY_KEY
 from lightning_intrafusion.evaluation import evaluate, split_batch
 from lightning_intrafusion.importance import ImportanceLike
 from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
@@ -32,7 +33,6 @@ from lightning_intrafusion.schedule import ScheduleFn, SparsitySchedule, check_m
 from lightning_intrafusion.surgery import replay_history
 from lightning_intrafusion.tracking import PruningTracker, ensure_wandb_usable
 
-HISTORY_KEY = "intrafusion_history"  # stored in checkpoint["state_dict"] so weights can be loaded
 
 
 class IntraFusionCallback(Callback):
@@ -315,21 +315,6 @@ class IntraFusionCallback(Callback):
         if len(history) > len(self.history):
             replay_history(module, history[len(self.history):])
             self.history = history
-
-
-def restore_pruned(module: nn.Module, checkpoint: Union[str, Dict[str, Any]], strict: bool = True) -> nn.Module:
-    """Load a checkpoint written with :class:`IntraFusionCallback` into a freshly built (unpruned)
-    module: replays the pruning history, then loads the weights. Returns ``module``.
-
-    ``model = restore_pruned(MyModule(**hparams), "last.ckpt")``
-    """
-    if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state = dict(checkpoint["state_dict"])
-    history = json.loads(state.pop(HISTORY_KEY, "[]"))
-    replay_history(module, history)
-    module.load_state_dict(state, strict=strict)
-    return module
 
 
 def _device(module: nn.Module) -> torch.device:

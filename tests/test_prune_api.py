@@ -231,3 +231,22 @@ def test_sinkhorn_solver_prunes():
     assert report.params_after < report.params_before
     model.eval()
     assert torch.isfinite(model(X)).all()
+
+
+def test_prune_checkpoint_one_shot_and_restore(tmp_path):
+    from lightning_intrafusion import prune_checkpoint, restore_pruned
+
+    model = _resnet()
+    torch.save({"state_dict": model.state_dict(), "epoch": 3}, tmp_path / "dense.ckpt")
+    pruned = SmallResNet(width=8, blocks=(1, 1))
+    report = prune_checkpoint(pruned, str(tmp_path / "dense.ckpt"), X, 0.3, output=str(tmp_path / "p1.ckpt"))
+    again = SmallResNet(width=8, blocks=(1, 1))
+    prune_checkpoint(again, str(tmp_path / "p1.ckpt"), X, 0.3, output=str(tmp_path / "p2.ckpt"))  # history accumulates
+    assert report.params_after < report.params_before
+    first, second = restore_pruned(SmallResNet(width=8, blocks=(1, 1)), str(tmp_path / "p1.ckpt")), \
+        restore_pruned(SmallResNet(width=8, blocks=(1, 1)), str(tmp_path / "p2.ckpt"))
+    for m in (pruned, again, first, second):
+        m.eval()
+    assert torch.equal(first(X), pruned(X)) and torch.equal(second(X), again(X))
+    assert sum(p.numel() for p in second.parameters()) < sum(p.numel() for p in first.parameters())
+    assert torch.load(tmp_path / "p2.ckpt", weights_only=True)["epoch"] == 3
