@@ -258,7 +258,9 @@ def _choose_kept(scores: Tensor, keep: int, blocks: int, unit: int) -> Tensor:
 def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:
     """Block-diagonal transport map (kept units x all units) of the whole group."""
     roles = ("producer",) if config.features == "producer" else ("producer", "consumer")
-    features = channel_features(group.slices, group.folds, roles).cpu()
+    features = channel_features(group.slices, group.folds, roles)
+    if config.solver == "emd":  # network simplex runs on the CPU; Sinkhorn stays on the weights' device
+        features = features.cpu()
     features = features.reshape(-1, unit * features.shape[1])
     unit_scores = scores.reshape(-1, unit).sum(1)
     n_units = features.shape[0]
@@ -273,7 +275,7 @@ def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, co
         a = ot_math.marginal(hi - lo, weights, like=cost)
         b_ = ot_math.marginal(len(targets), unit_scores[targets] if weights is not None else None, like=cost)
         plan = ot_math.transport_plan(cost, a, b_, config)
-        transport[rows[:, None], torch.arange(lo, hi)[None, :]] = ot_math.transport_map(plan, a)
+        transport[rows[:, None], torch.arange(lo, hi)[None, :]] = ot_math.transport_map(plan, a).cpu()
     return transport
 
 
