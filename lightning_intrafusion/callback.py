@@ -181,7 +181,7 @@ class IntraFusionCallback(Callback):
         index = self.fired
         sparsity = self.sparsities[index]
         started = time.perf_counter()
-        example = inputs[:2] if isinstance(inputs, torch.Tensor) else inputs
+        example = inputs[:2] if isinstance(inputs, torch.Tensor) else inputs  # tuple/dict inputs are used whole
         record: Dict[str, float] = {"event": float(index), "sparsity": sparsity}
         if self.evaluate:
             record["acc_pre"] = self._measure(trainer, pl_module)

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
+from lightning_intrafusion.calibration import call_model
+
 
 def split_batch(batch: Any):
     """``(inputs, target)`` from a batch given as ``(x, y)``/``[x, y]`` or ``{"input"|"x": .., "target"|"y"|"label": ..}``."""
@@ -34,11 +36,22 @@ def evaluate(module: nn.Module, batches: Iterable[Any], metric: Metric, max_batc
                 break
             x, y = split(batch)
             if device is not None:
-                x, y = x.to(device), y.to(device)
+                x, y = _to(x, device), y.to(device)
             metric.to(y.device)
-            metric.update(module(x), y)
+            metric.update(call_model(module, x), y)
         return float(metric.compute())
     finally:
         metric.reset()
         for m, mode in modes.items():
             m.training = mode
+
+
+def _to(inputs: Any, device: torch.device) -> Any:
+    """Move a tensor, or the tensors of a tuple/list/dict, to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, dict):
+        return {k: _to(v, device) for k, v in inputs.items()}
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(_to(v, device) for v in inputs)
+    return inputs
