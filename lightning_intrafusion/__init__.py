@@ -2,9 +2,9 @@
 
 from lightning_intrafusion.callback import IntraFusionCallback
 from lightning_intrafusion.checkpoint import prune_checkpoint, restore_pruned
+from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.graph import UnsupportedModelError
 from lightning_intrafusion.ot import OTConfig, TransportError
-from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.pruner import prune
 from lightning_intrafusion.report import GroupReport, PruneReport
 from lightning_intrafusion.schedule import (
@@ -15,7 +15,6 @@ from lightning_intrafusion.schedule import (
     LinearSchedule,
     SparsitySchedule,
 )
-
 from lightning_intrafusion.tracking import wandb_logger
 
 __version__ = "0.1.0"

@@ -8,14 +8,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)`` for a tensor, ``model(*inputs)`` for a tuple/list, ``model(**inputs)`` for a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
+from lightning_intrafusion.execution import call_model, preserved_modes
 
 
 @torch.no_grad()
@@ -26,29 +19,27 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
-    modes = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
     used = 0
-    try:
-        model.eval()
-        for m in norms:
-            # fresh buffers: the old ones stay untouched for a caller that wants to roll back
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                if getattr(m, name, None) is not None:
-                    setattr(m, name, getattr(m, name).clone())
-            m.reset_running_stats()
-            m.momentum = None  # cumulative moving average = exact mean over the batches
-            m.train()
-        for batch in batches:
-            if max_batches is not None and used >= max_batches:
-                break
-            call_model(model, batch)
-            used += 1
-    finally:
-        for m, momentum in momenta.items():
-            m.momentum = momentum
-        for m, mode in modes.items():
-            m.training = mode
+    with preserved_modes(model):
+        try:
+            model.eval()
+            for m in norms:
+                # fresh buffers: the old ones stay untouched for a caller that wants to roll back
+                for name in ("running_mean", "running_var", "num_batches_tracked"):
+                    if getattr(m, name, None) is not None:
+                        setattr(m, name, getattr(m, name).clone())
+                m.reset_running_stats()
+                m.momentum = None  # cumulative moving average = exact mean over the batches
+                m.train()
+            for batch in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                call_model(model, batch)
+                used += 1
+        finally:
+            for m, momentum in momenta.items():
+                m.momentum = momentum
     if used == 0:
         raise ValueError("calibration_data yielded no batch")
     return used

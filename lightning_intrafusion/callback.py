@@ -24,15 +24,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.checkpoint import HISTORY_KEY
-from lightning_intrafusion.evaluation import evaluate, split_batch
+from lightning_intrafusion.evaluation import evaluate, split_batch, to_device
+from lightning_intrafusion.execution import call_model, preserved_modes
 from lightning_intrafusion.importance import ImportanceLike
 from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.pruner import prune
 from lightning_intrafusion.schedule import ScheduleFn, SparsitySchedule, check_monotone, resolve_schedule
 from lightning_intrafusion.surgery import replay_history
-from lightning_intrafusion.tracking import PruningTracker, ensure_wandb_usable
-
+from lightning_intrafusion.tracking import PruningTracker
 
 
 class IntraFusionCallback(Callback):
@@ -156,7 +156,6 @@ class IntraFusionCallback(Callback):
                              "(epochs count from 0)")
         if self.unit == "step" and trainer.max_steps not in (None, -1) and self.events[-1] >= trainer.max_steps:
             raise ValueError(f"pruning event at step {self.events[-1]} is past max_steps={trainer.max_steps}")
-        ensure_wandb_usable(trainer.loggers)
         if self._hook is None:
             self._hook = pl_module._register_load_state_dict_pre_hook(self._rebuild_before_load, with_module=True)
 
@@ -276,12 +275,9 @@ class IntraFusionCallback(Callback):
     def _default_metric(self, module: nn.Module, loader) -> Metric:
         if getattr(self, "_metric", None) is None:
             x, _ = self.split(next(iter(loader)))
-            with torch.no_grad():
-                modes = {m: m.training for m in module.modules()}
-                module.eval()
-                classes = module(x[:1].to(_device(module))).shape[-1]
-                for m, mode in modes.items():
-                    m.training = mode
+            with preserved_modes(module), torch.no_grad():
+                one = x[:1] if isinstance(x, torch.Tensor) else x
+                classes = call_model(module.eval(), to_device(one, _device(module))).shape[-1]
             self._metric = MulticlassAccuracy(num_classes=classes, average="micro")
         return self._metric
 

@@ -11,7 +11,7 @@ from typing import Any, List, Tuple
 import torch
 from torch import nn
 
-from lightning_intrafusion.calibration import call_model
+from lightning_intrafusion.execution import call_model, preserved_modes
 
 
 def _batch_size(inputs: Any) -> int:
@@ -44,15 +44,11 @@ def count_macs_and_params(model: nn.Module, example_inputs: Any) -> Tuple[int, i
             total[0] += output.numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            call_model(model, example_inputs)
+        with preserved_modes(model), torch.no_grad():
+            call_model(model.eval(), example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     macs = total[0] // max(1, _batch_size(example_inputs))
     return int(macs), int(sum(p.numel() for p in model.parameters()))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torchmetrics import Metric
 
-from lightning_intrafusion.calibration import call_model
+from lightning_intrafusion.execution import call_model, preserved_modes
 
 
 def split_batch(batch: Any):
@@ -27,31 +27,29 @@ def split_batch(batch: Any):
 def evaluate(module: nn.Module, batches: Iterable[Any], metric: Metric, max_batches: Optional[int] = None,
              split: Callable[[Any], Any] = split_batch, device: Optional[torch.device] = None) -> float:
     """``metric`` over ``batches`` with ``module`` in eval mode; modes and the metric are reset after."""
-    modes = {m: m.training for m in module.modules()}
     metric.reset()
-    try:
+    with preserved_modes(module):
         module.eval()
-        for i, batch in enumerate(batches):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = split(batch)
-            if device is not None:
-                x, y = _to(x, device), y.to(device)
-            metric.to(y.device)
-            metric.update(call_model(module, x), y)
-        return float(metric.compute())
-    finally:
-        metric.reset()
-        for m, mode in modes.items():
-            m.training = mode
+        try:
+            for i, batch in enumerate(batches):
+                if max_batches is not None and i >= max_batches:
+                    break
+                x, y = split(batch)
+                if device is not None:
+                    x, y = to_device(x, device), y.to(device)
+                metric.to(y.device)
+                metric.update(call_model(module, x), y)
+            return float(metric.compute())
+        finally:
+            metric.reset()
 
 
-def _to(inputs: Any, device: torch.device) -> Any:
+def to_device(inputs: Any, device: torch.device) -> Any:
     """Move a tensor, or the tensors of a tuple/list/dict, to ``device``."""
     if isinstance(inputs, torch.Tensor):
         return inputs.to(device)
     if isinstance(inputs, dict):
-        return {k: _to(v, device) for k, v in inputs.items()}
+        return {k: to_device(v, device) for k, v in inputs.items()}
     if isinstance(inputs, (tuple, list)):
-        return type(inputs)(_to(v, device) for v in inputs)
+        return type(inputs)(to_device(v, device) for v in inputs)
     return inputs

@@ -15,7 +15,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_intrafusion.execution import preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice
+from lightning_intrafusion.surgery import parameter_owner
 
 _OPTYPE = tp.ops.OPTYPE
 
@@ -57,15 +59,11 @@ class PrunableGroup:
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Trace ``model`` on ``example_inputs``; the model's train/eval mode is left as it was."""
-    training = {m: m.training for m in model.modules()}
     try:
-        with torch.enable_grad():
+        with preserved_modes(model), torch.enable_grad():  # tracing switches the model to eval mode
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     except Exception as err:  # surface tracing failures as input errors
         raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
-    finally:
-        for m, mode in training.items():
-            m.training = mode
     _repair_concat_offsets(graph)
     return graph
 
@@ -136,8 +134,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
             if name is None or not dims or positions is None:
                 unsupported = f"unwrapped nn.Parameter {name or '?'}"
                 continue
-            owner_name, _, attr = name.rpartition(".")
-            owner = graph.model.get_submodule(owner_name) if owner_name else graph.model
+            owner, attr = parameter_owner(graph.model, name)
             slices.append(ChannelSlice(name, module, dims[0], positions, "producer", False))
             targets[name] = (owner, attr)
             layers.append((name, f"dim{dims[0]}", positions))

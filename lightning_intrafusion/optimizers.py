@@ -8,6 +8,8 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from lightning_intrafusion.surgery import complement
+
 
 def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
                  module_name: str) -> Dict[int, Tensor]:
@@ -17,19 +19,15 @@ def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: S
     for dim, (a, b) in enumerate(zip(old_shape, new_shape)):
         if a == b:
             continue
+        # a bare parameter records its dim; for a layer, the "out" side is its dim 0 (ConvTranspose:
+        # dim 1) and the "in" side the other one
         explicit = [idxs for side, idxs in mine if side == f"dim{dim}"]
-        if explicit:  # a bare parameter: the dim is recorded
-            removed = set(explicit[0])
-            out[dim] = torch.tensor([i for i in range(a) if i not in removed], dtype=torch.long)
-            continue
-        # the "out" side of a layer is its dim 0 (ConvTranspose: dim 1), the "in" side the other one
         candidates = [idxs for side, idxs in mine if len(idxs) == a - b]
         preferred = [idxs for side, idxs in mine if len(idxs) == a - b and (side == "out") == (dim == 0)]
-        chosen = (preferred or candidates or [None])[0]
+        chosen = (explicit or preferred or candidates or [None])[0]
         if chosen is None:
             raise ValueError(f"cannot tell which channels of {module_name} dim {dim} were kept")
-        removed = set(chosen)
-        out[dim] = torch.tensor([i for i in range(a) if i not in removed], dtype=torch.long)
+        out[dim] = torch.tensor(complement(a, chosen), dtype=torch.long)
     return out
 
 

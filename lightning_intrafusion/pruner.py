@@ -14,15 +14,16 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from lightning_intrafusion import ot as ot_math
-from lightning_intrafusion.calibration import call_model, recalibrate_batchnorm
+from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.cost import count_macs_and_params
+from lightning_intrafusion.execution import call_model, preserved_modes
 from lightning_intrafusion.fusion import channel_features, fuse_group
 from lightning_intrafusion.graph import PrunableGroup, UnsupportedModelError, build_graph, iter_groups, matches
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import GroupReport, PruneReport
 from lightning_intrafusion.snapshot import ModelSnapshot
-from lightning_intrafusion.surgery import Removal, apply_removals, merge_removals
+from lightning_intrafusion.surgery import Removal, apply_removals, complement, merge_removals
 
 METHODS = ("intrafusion", "default")
 
@@ -121,16 +122,11 @@ def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, i
 
 
 def _output_shapes(model: nn.Module, example_inputs: Any) -> List[Tuple[int, ...]]:
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad():
-            out = call_model(model, example_inputs)
+        with preserved_modes(model), torch.no_grad():
+            out = call_model(model.eval(), example_inputs)
     except Exception as err:
         raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return [tuple(t.shape) for t in _tensors(out)]
 
 
@@ -214,7 +210,7 @@ def _prune_groups(
             fused = fuse_group(group.slices, group.folds, _expand_units(transport, unit), _expand_index(kept, unit),
                                config.producer_merge, config.consumer_merge, config.preserve_norm)
             _assign(group, fused)
-        removed = torch.tensor(sorted(set(range(group.width)) - set(_expand_index(kept, unit).tolist())), dtype=torch.long)
+        removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))
     names = {m: n for n, m in graph.model.named_modules()}
     removals = merge_removals(entries, names)

@@ -56,14 +56,25 @@ def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
         pruning_function(modules[name], side)(modules[name], list(idxs))
 
 
-def _prune_parameter(model: nn.Module, name: str, dim: int, idxs: Sequence[int]) -> None:
+def complement(size: int, idxs: Sequence[int]) -> List[int]:
+    """The indices of ``range(size)`` not in ``idxs``, in order (the kept ones of a removal, or the
+    removed ones of a selection)."""
+    taken = set(int(i) for i in idxs)
+    return [i for i in range(size) if i not in taken]
+
+
+def parameter_owner(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    """The module holding parameter ``name`` (dotted, as in ``named_parameters``) and its attribute."""
     owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
+    return (model.get_submodule(owner_name) if owner_name else model), attr
+
+
+def _prune_parameter(model: nn.Module, name: str, dim: int, idxs: Sequence[int]) -> None:
+    owner, attr = parameter_owner(model, name)
     param = getattr(owner, attr, None)
     if not isinstance(param, nn.Parameter):
         raise ValueError(f"pruning history names a parameter {name!r} that the model does not have")
-    removed = set(int(i) for i in idxs)
-    keep = torch.tensor([i for i in range(param.shape[dim]) if i not in removed], dtype=torch.long, device=param.device)
+    keep = torch.tensor(complement(param.shape[dim], idxs), dtype=torch.long, device=param.device)
     setattr(owner, attr, nn.Parameter(param.data.index_select(dim, keep), requires_grad=param.requires_grad))
 
 

@@ -76,10 +76,9 @@ class PruningTracker:
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in scalars.items()})
         if not trainer.is_global_zero:
             return
-        # ... and each logger exactly once, with the same keys everywhere
+        # ... and each logger exactly once, with the same keys everywhere, then its media
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=trainer.global_step)
-        for logger in trainer.loggers:
             if is_wandb(logger):
                 self._to_wandb(logger, row)
             else:
