@@ -1,7 +1,8 @@
 """Size and compute of a model: parameters and multiply-accumulates (MACs) per sample.
 
 MACs are counted with forward hooks on the model itself (no copy, so a LightningModule's Trainer is
-never duplicated): convolutions, transposed convolutions and linear layers, which dominate compute.
+never duplicated): convolutions, transposed convolutions, linear layers and ``nn.MultiheadAttention``
+(its projections and attention products), which dominate compute.
 """
 
 from __future__ import annotations
@@ -24,11 +25,26 @@ def _batch_size(inputs: Any) -> int:
     return 1
 
 
+def _attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int:
+    """Projections, scores, weighted values and output projection of one attention call."""
+    width = module.in_proj_weight.shape[0] // 3 if module.in_proj_weight is not None else module.embed_dim
+    if query.dim() == 2:  # unbatched
+        batch, seq = 1, 0
+    else:
+        batch, seq = (query.shape[0], 1) if module.batch_first else (query.shape[1], 0)
+    tgt, src = query.shape[seq], key.shape[seq]
+    projections = tgt * query.shape[-1] + src * key.shape[-1] + src * value.shape[-1] + tgt * module.embed_dim
+    return int(batch * width * (projections + 2 * tgt * src))
+
+
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
     """MACs of one forward pass per sample of ``example_inputs``, and the number of parameters."""
     total: List[int] = [0]
 
-    def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if isinstance(module, nn.MultiheadAttention):
+            total[0] += _attention_macs(module, *(list(args) + [kwargs.get(k) for k in ("query", "key", "value")][len(args):]))
+            return
         if not isinstance(output, torch.Tensor):
             return
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -43,7 +59,8 @@ def count_macs_and_params(model: nn.Module, example_inputs: Any) -> Tuple[int, i
         elif isinstance(module, nn.Linear):
             total[0] += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+    handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)]
     try:
         with preserved_modes(model), torch.no_grad():
             call_model(model.eval(), example_inputs)

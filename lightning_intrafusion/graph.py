@@ -15,6 +15,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_intrafusion.attention import PrunableMultiheadAttention, projection_positions
 from lightning_intrafusion.execution import preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice
 from lightning_intrafusion.surgery import parameter_owner
@@ -37,6 +38,7 @@ class PrunableGroup:
     producers: List[str]
     members: List[str]
     blocks: int = 1
+    unit: int = 1  # channels that are only kept or removed together (the head size of attention heads)
     protected: Optional[str] = None  # why the group must not be pruned, if it must not
     unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
     targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
@@ -89,7 +91,8 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 
 
 def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
-    """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer.
+    """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
+    then the attention heads of every ``nn.MultiheadAttention`` the model ran.
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
     (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.
@@ -98,6 +101,36 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
     for tp_group in graph.get_all_groups(root_module_types=roots):
         yield _describe(graph, tp_group, names)
+    for name, module in graph.model.named_modules():
+        if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
+            yield _attention_heads(name, module)
+
+
+def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
+    """The projection channels of an attention layer, in units of whole heads: query, key and value
+    rows produce them, the output projection's columns consume them."""
+    members = [name, f"{name}.out_proj"]
+    if not (isinstance(module, PrunableMultiheadAttention) or module._qkv_same_embed_dim):
+        return PrunableGroup(name, module.embed_dim, [], [], [name], members, unit=module.head_dim,
+                             unsupported=f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim")
+    width, rows = projection_positions(module)
+    columns = torch.arange(width)[:, None]
+    owners = {"in_proj_weight": module, "in_proj_bias": module, "bias_k": module, "bias_v": module,
+              "out_proj.weight": module.out_proj}
+    specs = [("in_proj_weight", 0, rows, "producer", True), ("in_proj_bias", 0, rows, "producer", False),
+             ("bias_k", 2, columns, "producer", False), ("bias_v", 2, columns, "producer", False),
+             ("out_proj.weight", 1, columns, "consumer", True)]
+    slices, targets = [], {}
+    for attr, dim, positions, role, feature in specs:
+        owner, leaf = owners[attr], attr.rpartition(".")[2]
+        tensor = getattr(owner, leaf)
+        if tensor is None:
+            continue
+        key = f"{name}.{attr}"
+        slices.append(ChannelSlice(key, tensor, dim, positions, role, feature))
+        targets[key] = (owner, leaf)
+    return PrunableGroup(name, width, slices, [], [name], members, unit=module.head_dim, targets=targets,
+                         layers=[(module, "heads", columns)], root_module=module)
 
 
 def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, str]) -> PrunableGroup:
@@ -221,8 +254,8 @@ def _why_unsupported(name: str, module: nn.Module) -> str:
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return f"{name} is a grouped convolution (groups={module.groups}); only depthwise and ungrouped convs are supported"
     if isinstance(module, nn.MultiheadAttention):
-        return (f"{name} is an nn.MultiheadAttention, whose head size is tied to the embedding width; "
-                "prune its MLP neurons instead or use separate q/k/v linear layers")
+        return (f"the embedding width of {name} (nn.MultiheadAttention) cannot be pruned; its heads can "
+                f"(include=[{name!r}])")
     if isinstance(module, nn.LayerNorm):
         return f"{name} is a LayerNorm over {tuple(module.normalized_shape)} (only 1-D is supported)"
     return f"{name} ({type(module).__name__}) is a layer type without a fusion rule"

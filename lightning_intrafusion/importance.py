@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Sequence, Union
 
+import torch
 import torch_pruning as tp
+from torch import Tensor
+
+from lightning_intrafusion.fusion import ChannelSlice
 
 IMPORTANCES = ("l1", "l2", "taylor", "lamp", "random", "fpgm", "bn_scale")
 
@@ -44,3 +48,29 @@ def resolve_importance(importance: ImportanceLike) -> Any:
 
 def needs_gradients(importance: Any) -> bool:
     return isinstance(importance, tp.importance.GroupTaylorImportance)
+
+
+def score_slices(importance: Any, slices: Sequence[ChannelSlice], group_name: str) -> Tensor:
+    """Scores of a group that has no Torch-Pruning group (the heads of an ``nn.MultiheadAttention``),
+    computed from its weight tensors with the same criterion as ``importance``."""
+    features = [s for s in slices if s.is_feature]
+    n = features[0].positions.shape[0]
+    if isinstance(importance, tp.importance.RandomImportance):
+        return torch.rand(n, dtype=torch.float64)
+    if isinstance(importance, tp.importance.BNScaleImportance):
+        raise ValueError(f"importance 'bn_scale' needs BatchNorm layers; group {group_name!r} has none")
+    if isinstance(importance, tp.importance.GroupTaylorImportance):
+        grads = [(s, getattr(s.tensor, "grad", None)) for s in features]
+        if any(g is None for _, g in grads):
+            raise ValueError(f"importance 'taylor' found no gradient on the weights of group {group_name!r}")
+        return sum((s.rows() * s.rows(g)).abs().sum(1) for s, g in grads)
+    if isinstance(importance, tp.importance.FPGMImportance):
+        rows = torch.cat([s.rows() for s in features], dim=1)
+        return torch.cdist(rows, rows, p=2).sum(1)
+    if isinstance(importance, tp.importance.GroupMagnitudeImportance):  # l1, l2; LAMP ranks like l2
+        p = float(getattr(importance, "p", 2))
+        return sum(s.rows().abs().pow(p).sum(1) for s in features)
+    raise TypeError(
+        f"a custom importance is called with a Torch-Pruning group, and group {group_name!r} (attention "
+        f"heads) has none; use one of {list(IMPORTANCES)} or exclude={[group_name]!r}"
+    )

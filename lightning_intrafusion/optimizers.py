@@ -3,11 +3,12 @@ moments) sliced to the channels that were kept, matched by parameter name."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from lightning_intrafusion.attention import surviving_indices
 from lightning_intrafusion.surgery import complement
 
 
@@ -60,9 +61,11 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
             p = params.get(name)
             if p is None or id(p) not in owned:
                 continue
-            bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
-            module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
-            kept = kept_indices(entry["shape"], p.shape, removals, module_name)
+            kept = _attention_kept(name, entry["shape"], removals)
+            if kept is None:
+                bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
+                module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
+                kept = kept_indices(entry["shape"], p.shape, removals, module_name)
             new_state = {}
             for key, value in entry["state"].items():
                 if isinstance(value, Tensor) and tuple(value.shape) == entry["shape"]:
@@ -72,3 +75,13 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
             opt.state[p] = new_state
             restored += 1
     return restored
+
+
+def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]]) -> Optional[Dict[int, Tensor]]:
+    """Surviving indices of a parameter of an attention layer that lost heads, or None."""
+    for module_name, side, idxs in removals:
+        if side == "heads" and name.startswith(module_name + "."):
+            found = surviving_indices(name[len(module_name) + 1:], old_shape, idxs)
+            if found is not None:
+                return {found[0]: found[1]}
+    return None

@@ -19,7 +19,7 @@ from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import call_model, preserved_modes
 from lightning_intrafusion.fusion import channel_features, fuse_group
 from lightning_intrafusion.graph import PrunableGroup, UnsupportedModelError, build_graph, iter_groups, matches
-from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance
+from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_slices
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import GroupReport, PruneReport
 from lightning_intrafusion.snapshot import ModelSnapshot
@@ -199,7 +199,7 @@ def _prune_groups(
         reports.append(report)
         if keep >= group.width:
             continue
-        scores = scorer(group.tp_group)
+        scores = scorer(group.tp_group) if group.tp_group is not None else score_slices(scorer, group.slices, group.root_name)
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()
@@ -222,7 +222,10 @@ def _block_size(group: PrunableGroup, channel_blocks: Mapping[str, int]) -> int:
     sizes = {int(size) for pattern, size in channel_blocks.items() if any(matches(p, [pattern]) for p in group.producers)}
     if len(sizes) > 1:
         raise ValueError(f"conflicting channel_blocks sizes {sorted(sizes)} for group {group.root_name!r}")
-    unit = sizes.pop() if sizes else 1
+    unit = sizes.pop() if sizes else group.unit
+    if unit % group.unit:
+        raise ValueError(f"channel_blocks size {unit} of group {group.root_name!r} is not a multiple of its "
+                         f"head size {group.unit}")
     if unit < 1 or group.width % unit:
         raise ValueError(f"channel_blocks size {unit} does not divide the width {group.width} of group {group.root_name!r}")
     return unit

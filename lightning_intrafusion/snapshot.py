@@ -16,8 +16,8 @@ _PLAIN = (int, float, bool, str, tuple, type(None), torch.Size)
 
 
 class ModelSnapshot:
-    """References to every parameter (with its data and grad), buffer and plain attribute of every
-    submodule, taken at construction; :meth:`restore` makes the module tree as it was."""
+    """References to every parameter (with its data and grad), buffer, child module and plain
+    attribute of every submodule, taken at construction; :meth:`restore` makes the module tree as it was."""
 
     def __init__(self, model: nn.Module) -> None:
         self._entries: List[Tuple[nn.Module, Dict[str, Any]]] = []
@@ -27,6 +27,7 @@ class ModelSnapshot:
                 "params": params,
                 "data": {k: (p.data, p.grad, p.requires_grad) for k, p in params.items() if p is not None},
                 "buffers": dict(module._buffers),
+                "modules": dict(module._modules),
                 "attrs": {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _PLAIN)},
                 "training": module.training,
             }))
@@ -42,6 +43,8 @@ class ModelSnapshot:
                 param.requires_grad_(requires_grad)
             module._buffers.clear()
             module._buffers.update(state["buffers"])
+            module._modules.clear()
+            module._modules.update(state["modules"])
             for name, value in state["attrs"].items():
                 setattr(module, name, value)
             module.training = state["training"]

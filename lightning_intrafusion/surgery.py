@@ -15,7 +15,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-Removal = Tuple[str, str, List[int]]  # (module name, "out" | "in", indices) or (parameter name, "dim<d>", indices)
+from lightning_intrafusion.attention import remove_projection_channels
+
+# (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), or (attention layer name,
+# "heads", projection channels)
+Removal = Tuple[str, str, List[int]]
 
 _PRUNERS = tp.DependencyGraph()  # only used as a registry of per-layer pruning functions
 
@@ -33,7 +37,7 @@ def merge_removals(entries: Sequence[Tuple[Any, str, Sequence[int]]], names: Dic
     parameters come as (parameter name, "dim<d>", indices)."""
     merged: Dict[Tuple[Any, object], Tuple[Any, str, set]] = {}
     for target, side, idxs in entries:
-        if isinstance(target, str):
+        if isinstance(target, str) or side == "heads":
             key: Tuple[Any, object] = (target, side)
         else:
             fn = pruning_function(target, side)
@@ -50,6 +54,9 @@ def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
     for name, side, idxs in removals:
         if side.startswith("dim"):
             _prune_parameter(model, name, int(side[3:]), idxs)
+            continue
+        if side == "heads":
+            remove_projection_channels(model, name, idxs)
             continue
         if name not in modules:
             raise ValueError(f"pruning history names a module {name!r} that the model does not have")

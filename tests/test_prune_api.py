@@ -167,25 +167,6 @@ def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     prune(model, X, 0.5, exclude=["2"])  # leaving the grouped conv out works
 
 
-def test_multihead_attention_refused_with_advice():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Linear(8, 16)
-            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
-            self.head = nn.Linear(16, 10)
-
-        def forward(self, x):
-            t = self.embed(x.reshape(-1, 8, 8))
-            return self.head(self.mha(t, t, t, need_weights=False)[0].mean(1))
-
-    model = Net()
-    before = state(model)
-    with pytest.raises(UnsupportedModelError, match="MultiheadAttention"):
-        prune(model, X, 0.5)
-    assert_same_state(before, state(model))
-
-
 def test_solver_hitting_its_iteration_cap_is_detected_and_rolled_back():
     model = _resnet()
     before = state(model)

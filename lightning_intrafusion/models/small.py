@@ -130,27 +130,36 @@ class SelfAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+    """Pre-norm block; ``attention="qkv"`` uses separate q/k/v linears, ``"torch"`` nn.MultiheadAttention."""
+
+    def __init__(self, dim: int, heads: int, mlp: int, attention: str = "qkv") -> None:
         super().__init__()
+        if attention not in ("qkv", "torch"):
+            raise ValueError(f"attention must be 'qkv' or 'torch', got {attention!r}")
         self.ln1 = nn.LayerNorm(dim)
-        self.attn = SelfAttention(dim, heads)
+        self.attn = SelfAttention(dim, heads) if attention == "qkv" else nn.MultiheadAttention(dim, heads, batch_first=True)
         self.ln2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, mlp)
         self.fc2 = nn.Linear(mlp, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
+        h = self.ln1(x)
+        if isinstance(self.attn, nn.MultiheadAttention):
+            x = x + self.attn(h, h, h, need_weights=False)[0]
+        else:
+            x = x + self.attn(h)
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
 class SmallTransformer(nn.Module):
     """A pre-norm vision transformer for 8x8 images: each image row is a token."""
 
-    def __init__(self, dim: int = 64, heads: int = 4, mlp: int = 128, depth: int = 2, num_classes: int = 10) -> None:
+    def __init__(self, dim: int = 64, heads: int = 4, mlp: int = 128, depth: int = 2, num_classes: int = 10,
+                 attention: str = "qkv") -> None:
         super().__init__()
         self.embed = nn.Linear(8, dim)
         self.pos = nn.Parameter(torch.zeros(1, 8, dim))
-        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp) for _ in range(depth)])
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp, attention) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
