@@ -1,5 +1,6 @@
 """Intra-Fusion structured pruning for PyTorch and PyTorch Lightning."""
 
+from lightning_intrafusion.attention import PrunableMultiheadAttention
 from lightning_intrafusion.callback import IntraFusionCallback
 from lightning_intrafusion.checkpoint import prune_checkpoint, restore_pruned
 from lightning_intrafusion.cost import count_macs_and_params
@@ -26,6 +27,7 @@ __all__ = [
     "ExponentialSchedule",
     "IntraFusionCallback",
     "LinearSchedule",
+    "PrunableMultiheadAttention",
     "SparsitySchedule",
     "prune_checkpoint",
     "restore_pruned",

@@ -15,7 +15,7 @@ running statistics that describe its (new) input, so train mode stays meaningful
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -62,6 +62,35 @@ class ChannelSlice:
         moved_shape[0] = idx.numel()
         block = rows.reshape(len(kept), c, -1).reshape(moved_shape).movedim(0, self.dim)
         return base.index_copy(self.dim, idx, block.to(dtype=base.dtype, device=base.device))
+
+
+@dataclass
+class GroupedInputSlice(ChannelSlice):
+    """The input channels of a grouped convolution (``groups > 1``, weight ``(out, in / groups, *k)``).
+
+    Input channel ``j`` of group ``b = j // (in / groups)`` is seen only by that group's output rows,
+    at column ``j % (in / groups)``: its feature is that ``(out / groups, *k)`` block. Channels may only
+    be merged within a conv group (the pruner makes the transport block-diagonal to ensure it).
+    """
+
+    groups: int = 1
+
+    def _coordinates(self, weight: Tensor, channels: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        per_group = weight.shape[1]
+        view = weight.reshape(self.groups, weight.shape[0] // self.groups, per_group, *weight.shape[2:])
+        idx = self.positions[channels].reshape(-1).to(weight.device)
+        return view, idx // per_group, idx % per_group
+
+    def rows(self, values: Optional[Tensor] = None) -> Tensor:
+        values = (self.tensor if values is None else values).detach()
+        view, block, column = self._coordinates(values, torch.arange(self.positions.shape[0]))
+        return view[block, :, column].reshape(len(block), -1).to(torch.float64)
+
+    def write(self, rows: Tensor, kept: Tensor, base: Optional[Tensor] = None) -> Tensor:
+        base = self.tensor.detach() if base is None else base
+        view, block, column = self._coordinates(base.clone(), kept)
+        view[block, :, column] = rows.reshape(len(kept), *view.shape[1:2], *view.shape[3:]).to(base)
+        return view.reshape(base.shape)
 
 
 @dataclass

@@ -8,6 +8,7 @@ may be pruned: outputs are protected, unsupported layers are refused with a clea
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -17,8 +18,8 @@ from torch import nn
 
 from lightning_intrafusion.attention import PrunableMultiheadAttention, projection_positions
 from lightning_intrafusion.execution import preserved_modes
-from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice
-from lightning_intrafusion.surgery import parameter_owner
+from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
+from lightning_intrafusion.surgery import is_grouped_conv, parameter_owner
 
 _OPTYPE = tp.ops.OPTYPE
 
@@ -185,16 +186,24 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         if spec is None:
             unsupported = _why_unsupported(name, module)
             continue
+        grouped = is_grouped_conv(module)
+        if grouped and not torch.equal(positions.flatten(), torch.arange(positions.numel())):
+            unsupported = f"{name} is a grouped convolution that sees the group's channels reordered or in part"
+            continue
         layers.append((module, "out" if is_out else "in", positions))
-        if isinstance(module, nn.GroupNorm):
-            blocks = max(blocks, module.num_groups)
+        if isinstance(module, nn.GroupNorm) or grouped:
+            # merge and remove channels only within a norm group / conv group, equally many in each
+            blocks = math.lcm(blocks, module.num_groups if isinstance(module, nn.GroupNorm) else module.groups)
         made: Dict[str, ChannelSlice] = {}
         for attr, dim, role, feature in spec:
             tensor = getattr(module, attr, None)
             if tensor is None:
                 continue
             key = f"{name}.{attr}" if name else attr
-            made[attr] = ChannelSlice(key, tensor, dim, positions, role, feature)
+            if grouped and role == "consumer":
+                made[attr] = GroupedInputSlice(key, tensor, dim, positions, role, feature, groups=module.groups)
+            else:
+                made[attr] = ChannelSlice(key, tensor, dim, positions, role, feature)
             targets[key] = (module, attr)
             slices.append(made[attr])
         if spec and spec[0][2] == "producer" and isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -205,6 +214,8 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
             bn_items.append((node, made))
 
     folds = _batchnorm_folds(bn_items, producer_weights)
+    if width % blocks and unsupported is None:
+        unsupported = f"its {width} channels cannot be split into {blocks} equal conv/norm groups"
     return PrunableGroup(
         root_name=names.get(root, "?"), width=width, slices=slices, folds=folds, producers=producers,
         members=members, blocks=blocks, protected=protected, unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
@@ -226,7 +237,7 @@ def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, i
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
         if _is_depthwise(module) and not transposed:
             return [("weight", 0, "producer", True), ("bias", 0, "producer", False)]
-        if module.groups != 1:
+        if module.groups != 1 and transposed:
             return None
         if is_out:
             return [("weight", 1 if transposed else 0, "producer", True), ("bias", 0, "producer", False)]
@@ -252,7 +263,7 @@ def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, i
 
 def _why_unsupported(name: str, module: nn.Module) -> str:
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
-        return f"{name} is a grouped convolution (groups={module.groups}); only depthwise and ungrouped convs are supported"
+        return f"{name} is a grouped transposed convolution (groups={module.groups}), which has no fusion rule"
     if isinstance(module, nn.MultiheadAttention):
         return (f"the embedding width of {name} (nn.MultiheadAttention) cannot be pruned; its heads can "
                 f"(include=[{name!r}])")

@@ -3,13 +3,13 @@ moments) sliced to the channels that were kept, matched by parameter name."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_intrafusion.attention import surviving_indices
-from lightning_intrafusion.surgery import complement
+from lightning_intrafusion.surgery import complement, is_grouped_conv, select_grouped_inputs
 
 
 def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
@@ -54,6 +54,7 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
     """Put the saved state on the new parameters, sliced to their kept channels. Returns how many
     parameters got their state back."""
     params = dict(module.named_parameters())
+    modules = dict(module.named_modules())
     restored = 0
     for opt in optimizers:
         owned = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -61,20 +62,34 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
             p = params.get(name)
             if p is None or id(p) not in owned:
                 continue
-            kept = _attention_kept(name, entry["shape"], removals)
-            if kept is None:
-                bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
-                module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
-                kept = kept_indices(entry["shape"], p.shape, removals, module_name)
+            select = _selector(name, entry["shape"], tuple(p.shape), removals, modules)
             new_state = {}
             for key, value in entry["state"].items():
                 if isinstance(value, Tensor) and tuple(value.shape) == entry["shape"]:
-                    new_state[key] = slice_state(value, kept).clone()
+                    new_state[key] = select(value).clone()
                 else:
                     new_state[key] = value.clone() if isinstance(value, Tensor) else value
             opt.state[p] = new_state
             restored += 1
     return restored
+
+
+def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
+              removals: Sequence[Tuple[str, str, List[int]]], modules: Mapping[str, nn.Module]) -> Callable[[Tensor], Tensor]:
+    """How a tensor shaped like parameter ``name`` before the step becomes one shaped like it after."""
+    kept = _attention_kept(name, old_shape, removals)
+    if kept is not None:
+        return lambda value: slice_state(value, kept)
+    bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
+    module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
+    layer = modules.get(module_name)
+    grouped_inputs = [idxs for n, side, idxs in removals if n == module_name and side == "in"]
+    if layer is not None and is_grouped_conv(layer) and name.endswith("weight") and grouped_inputs:
+        # output rows first (an index_select), then each conv group's own input columns
+        rows_only = kept_indices(old_shape, (new_shape[0],) + old_shape[1:], removals, module_name)
+        return lambda value: select_grouped_inputs(slice_state(value, rows_only), layer.groups, grouped_inputs[0])
+    kept = kept_indices(old_shape, new_shape, removals, module_name)
+    return lambda value: slice_state(value, kept)
 
 
 def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]]) -> Optional[Dict[int, Tensor]]:

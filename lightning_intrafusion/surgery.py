@@ -60,7 +60,40 @@ def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
             continue
         if name not in modules:
             raise ValueError(f"pruning history names a module {name!r} that the model does not have")
-        pruning_function(modules[name], side)(modules[name], list(idxs))
+        module = modules[name]
+        if side == "in" and is_grouped_conv(module):
+            _prune_grouped_conv_inputs(module, idxs)
+            continue
+        pruning_function(module, side)(module, list(idxs))
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A convolution with ``1 < groups`` that is not depthwise (each group sees several channels)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.groups > 1
+            and not module.groups == module.in_channels == module.out_channels)
+
+
+def select_grouped_inputs(weight: torch.Tensor, groups: int, removed: Sequence[int]) -> torch.Tensor:
+    """The weight ``(out, in / groups, *k)`` of a grouped conv without input channels ``removed``:
+    every conv group keeps its own columns, so each must lose equally many channels."""
+    per_group = weight.shape[1]
+    drop: List[List[int]] = [[] for _ in range(groups)]
+    for idx in removed:
+        drop[int(idx) // per_group].append(int(idx) % per_group)
+    if len({len(d) for d in drop}) != 1:
+        raise ValueError(f"a grouped convolution must lose equally many input channels in each of its {groups} groups")
+    rows = weight.shape[0] // groups
+    parts = [weight[b * rows:(b + 1) * rows].index_select(
+        1, torch.tensor(complement(per_group, drop[b]), dtype=torch.long, device=weight.device)) for b in range(groups)]
+    return torch.cat(parts, 0)
+
+
+def _prune_grouped_conv_inputs(conv: nn.Module, idxs: Sequence[int]) -> None:
+    weight = conv.weight
+    conv.weight = nn.Parameter(select_grouped_inputs(weight.data, conv.groups, idxs), requires_grad=weight.requires_grad)
+    if weight.grad is not None:
+        conv.weight.grad = select_grouped_inputs(weight.grad, conv.groups, idxs)
+    conv.in_channels -= len(idxs)
 
 
 def complement(size: int, idxs: Sequence[int]) -> List[int]:

@@ -156,7 +156,7 @@ def test_unknown_solver_name_rejected_by_config():
 
 
 @pytest.mark.parametrize("layer, match", [
-    (nn.Conv2d(8, 8, 3, padding=1, groups=2), "grouped convolution"),
+    (nn.ConvTranspose2d(8, 8, 3, padding=1, groups=2), "grouped transposed convolution"),
 ])
 def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), layer, nn.ReLU(), nn.Conv2d(8, 4, 1))

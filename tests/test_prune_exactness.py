@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 from helpers import EvenUnitsFirst, duplicate_odd_units, randomize_batchnorm
 from lightning_intrafusion import OTConfig, prune
@@ -12,11 +13,28 @@ from lightning_intrafusion.models import MLP, MixedOpsNet, SmallResNet, SmallTra
 
 IMAGES = torch.randn(8, 1, 8, 8)
 
+
+class GroupedConvNet(nn.Module):
+    """ResNeXt-style grouped convolutions (4 and 2 groups), with and without BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.grouped = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(24), nn.ReLU())
+        self.pointwise = nn.Conv2d(24, 24, 1, groups=2)
+        self.fc = nn.Linear(24 * 4, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.pointwise(self.grouped(self.stem(x))))
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
 CASES = {
     "vgg": (lambda: SmallVGG(width=8), {}),
     "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
     "concat_depthwise_groupnorm_layernorm": (MixedOpsNet, {}),
     "mlp": (MLP, {}),
+    "grouped_conv": (GroupedConvNet, {}),
     "transformer_mlp": (lambda: SmallTransformer(dim=32, heads=4, mlp=64), {"include": ["*.fc1"]}),
     # residual stream (with a bare positional-embedding parameter), heads and MLP at once; every group
     # duplicated and ranked in units of 8 channels (one head)
