@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from helpers import assert_same_state, randomize_batchnorm, state
+from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.models import MLP, MixedOpsNet, SmallResNet, SmallTransformer, SmallVGG
@@ -96,11 +97,12 @@ def test_calibration_reestimates_batchnorm_statistics():
     assert model.training  # modes restored
 
 
-def test_pruned_state_dict_loads_into_fresh_model_after_replay():
-    model = _resnet()
+@pytest.mark.parametrize("factory", [_resnet, GroupedConvNet])
+def test_pruned_state_dict_loads_into_fresh_model_after_replay(factory):
+    model = factory()
     first = prune(model, X, 0.3)
     second = prune(model, X, 0.3)
-    fresh = SmallResNet(width=8, blocks=(1, 1))
+    fresh = factory()
     replay_history(fresh, [first.removals, second.removals])
     fresh.load_state_dict(model.state_dict())
     model.eval(), fresh.eval()
