@@ -49,15 +49,17 @@ def train(model: nn.Module, train_set, epochs: int = 30, seed: int = 0) -> nn.Mo
     return model.eval()
 
 
-def trained(name: str, train_set) -> nn.Module:
+def trained(name: str, train_set, seed: int = 0) -> nn.Module:
+    """The model trained from seed ``seed`` (initialisation and data order), cached on disk."""
     factory, _ = MODELS[name]
+    torch.manual_seed(seed)
     model = factory()
-    path = os.path.join(CACHE, f"{name}.pt")
+    path = os.path.join(CACHE, f"{name}_seed{seed}.pt")
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
     os.makedirs(CACHE, exist_ok=True)
-    train(model, train_set)
+    train(model, train_set, seed=seed)
     torch.save(model.state_dict(), path)
     return model.eval()
 

@@ -20,12 +20,14 @@ Formulation = Literal["balanced", "partial"]
 Marginals = Literal["uniform", "importance"]
 Merge = Literal["average", "sum"]
 Features = Literal["producer", "all"]
+CostScale = Literal["median", "absolute"]
 
 _SOLVERS = ("emd", "sinkhorn")
 _FORMULATIONS = ("balanced", "partial")
 _MARGINALS = ("uniform", "importance")
 _MERGES = ("average", "sum")
 _FEATURES = ("producer", "all")
+_COST_SCALES = ("median", "absolute")
 
 
 class TransportError(RuntimeError):
@@ -43,7 +45,14 @@ class OTConfig:
             merged into a kept channel that is far from it, so only what is worth merging is merged.
         max_cost: the price of discarding a channel in the ``"partial"`` formulation, relative to
             the median non-zero cost between the group's channels and the kept ones (scale-free, so one value
-            serves every layer width and ground metric).
+            serves every layer width and ground metric); see ``max_cost_scale``.
+        max_cost_scale: ``"median"`` (the above) or ``"absolute"``: ``max_cost`` is a distance between
+            L2-normalised features (0: exact duplicates only; 2**0.5: orthogonal channels).
+        head_max_cost: how whole heads (``channel_blocks``, ``nn.MultiheadAttention``) are merged. Attention
+            is bilinear in its query/key weights and passes through a softmax, so an averaged head computes
+            neither head's attention unless the two are near-duplicates: a head is merged only into a
+            kept head whose normalised query/key/value rows are within this absolute distance (0.5: cosine
+            similarity above 0.875), and dropped otherwise (partial OT on producer features). ``None`` merges heads like any channels.
         features: what describes a channel: ``"producer"`` (the weights that compute it; two channels
             with equal producer weights are interchangeable whatever their consumers do) or ``"all"``
             (producer rows and consumer columns concatenated, as in the paper).
@@ -63,6 +72,8 @@ class OTConfig:
     solver: Solver = "emd"
     formulation: Formulation = "partial"
     max_cost: float = 1.0
+    max_cost_scale: CostScale = "median"
+    head_max_cost: Optional[float] = 0.5
     features: Features = "all"
     p: float = 2.0
     normalize_features: bool = True
@@ -78,6 +89,9 @@ class OTConfig:
         _check_choice("formulation", self.formulation, _FORMULATIONS)
         _check_choice("marginals", self.marginals, _MARGINALS)
         _check_choice("features", self.features, _FEATURES)
+        _check_choice("max_cost_scale", self.max_cost_scale, _COST_SCALES)
+        if self.head_max_cost is not None and not self.head_max_cost > 0:
+            raise ValueError(f"OTConfig.head_max_cost must be > 0 or None, got {self.head_max_cost}")
         _check_choice("producer_merge", self.producer_merge, _MERGES)
         _check_choice("consumer_merge", self.consumer_merge, _MERGES)
         if not self.p > 0:
@@ -103,8 +117,16 @@ class OTConfig:
             producer_merge="sum",
             consumer_merge="sum",
             preserve_norm=False,
+            head_max_cost=None,
         )
         return replace(base, **overrides)
+
+    def for_heads(self) -> "OTConfig":
+        """The configuration applied to groups of whole heads (see ``head_max_cost``)."""
+        if self.head_max_cost is None:
+            return self
+        return replace(self, formulation="partial", features="producer", normalize_features=True,
+                       max_cost=self.head_max_cost, max_cost_scale="absolute")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -169,8 +191,10 @@ def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tens
     at most their balanced share, and a source is merged only where that is cheaper than discarding.
     """
     n, k = cost.shape
-    positive = cost[cost > 1e-6 * cost.max().clamp_min(torch.finfo(cost.dtype).tiny)]
-    scale = positive.median() if positive.numel() else cost.new_tensor(1.0)
+    scale = cost.new_tensor(1.0)
+    if config.max_cost_scale == "median":
+        positive = cost[cost > 1e-6 * cost.max().clamp_min(torch.finfo(cost.dtype).tiny)]
+        scale = positive.median() if positive.numel() else scale
     discard = torch.full((n, 1), float(config.max_cost), dtype=cost.dtype, device=cost.device) * scale
     dummy_row = torch.zeros((1, k + 1), dtype=cost.dtype, device=cost.device)
     augmented = torch.cat([torch.cat([cost, discard], dim=1), dummy_row], dim=0)

@@ -205,10 +205,11 @@ def _prune_groups(
         scores = scores.detach().double().cpu()
         kept = _choose_kept(scores, keep, group.blocks, unit)
         if method == "intrafusion":
-            transport = _transport(group, scores, kept, unit, config)
-            report.merged = int((transport.sum(0) > 0).sum().item()) - len(kept)
+            group_config = config.for_heads() if unit > 1 else config
+            transport = _transport(group, scores, kept, unit, group_config)
+            report.merged = (int((transport.sum(0) > 0).sum().item()) - len(kept)) * unit
             fused = fuse_group(group.slices, group.folds, _expand_units(transport, unit), _expand_index(kept, unit),
-                               config.producer_merge, config.consumer_merge, config.preserve_norm)
+                               group_config.producer_merge, group_config.consumer_merge, group_config.preserve_norm)
             _assign(group, fused)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))

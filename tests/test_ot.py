@@ -35,6 +35,17 @@ def test_partial_discards_a_channel_far_from_every_kept_one():
     assert all(t[i, 3 + i] == pytest.approx(1.0) for i in range(3))  # near twins are merged
 
 
+def test_absolute_discard_cost_does_not_depend_on_the_other_channels():
+    # source 0 is a kept channel, 1 lies at distance 0.3 from it, 2 at 0.9: only 1 is within 0.5
+    cost = torch.tensor([[0.0], [0.3], [0.9]], dtype=torch.float64)
+    a, b = marginal(3, like=cost), marginal(1, like=cost)
+    config = OTConfig(formulation="partial", max_cost=0.5, max_cost_scale="absolute")
+    t = transport_map(transport_plan(cost, a, b, config), a)
+    assert t[0, 1] == pytest.approx(1.0) and t[0, 2] == pytest.approx(0.0, abs=1e-9)
+    far = transport_map(transport_plan(cost * 10, a, b, config), a)  # same layout, ten times the distances
+    assert far[0, 1] == pytest.approx(0.0, abs=1e-9)
+
+
 def test_sinkhorn_approximates_exact_transport():
     g = torch.Generator().manual_seed(1)
     sources = torch.randn(12, 4, generator=g, dtype=torch.float64)
@@ -64,7 +75,7 @@ def test_importance_marginals_are_proportional_and_never_zero():
 
 
 @pytest.mark.parametrize("field, value", [("solver", "hungarian"), ("formulation", "fuzzy"), ("p", 0.0),
-                                          ("max_cost", -1.0), ("producer_merge", "max"), ("features", "bias")])
+                                          ("max_cost", -1.0), ("max_cost_scale", "mean"), ("head_max_cost", 0.0), ("producer_merge", "max"), ("features", "bias")])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         OTConfig(**{field: value})

@@ -86,6 +86,18 @@ def test_attention_heads_removed_whole():
     assert model(X).shape == (8, 10)
 
 
+def test_heads_are_merged_only_when_near_duplicates():
+    """Distinct heads are dropped (an averaged head computes neither attention pattern); with
+    head_max_cost=None they are merged like channels."""
+    torch.manual_seed(0)
+    model = SmallTransformer(dim=32, heads=4, mlp=64)
+    kwargs = dict(include=["*.attn.q"], channel_blocks={"*.attn.q": 8})
+    strict = prune(copy.deepcopy(model), X, 0.5, **kwargs)
+    loose = prune(copy.deepcopy(model), X, 0.5, ot_config=OTConfig(head_max_cost=None, formulation="balanced"), **kwargs)
+    assert [g.merged for g in strict.groups] == [0, 0]
+    assert all(g.merged == 16 for g in loose.groups)  # every removed channel of the two removed heads
+
+
 def test_calibration_reestimates_batchnorm_statistics():
     model = _resnet()
     batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
