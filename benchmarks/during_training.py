@@ -1,17 +1,21 @@
 """Prune while training on digits with IntraFusionCallback: 0 -> 70% over 4 events, from scratch,
 with the default (cubic, AGP) schedule and with a linear one.
 
-    python benchmarks/during_training.py
+    python benchmarks/during_training.py            # 5 seeds
+    python benchmarks/during_training.py --seeds 1
 
-Runs (same seed, same data): dense; Intra-Fusion; default pruning; Intra-Fusion + BN re-estimation.
-Prints accuracy right after each event, final accuracy, params/MACs and the time the callback added.
+Runs (per seed, same data): dense; Intra-Fusion; default pruning; Intra-Fusion + BN re-estimation.
+Prints accuracy right after each event and final accuracy (means over seeds), params/MACs and the
+time the callback added.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
+import warnings
 
 import lightning.pytorch as pl
 import torch
@@ -60,8 +64,8 @@ class StepTimer(Callback):
         self.times.setdefault(trainer.current_epoch, []).append(time.perf_counter() - self._t)
 
 
-def run(callback):
-    pl.seed_everything(0, workers=True)
+def run(callback, seed: int = 0):
+    pl.seed_everything(seed, workers=True, verbose=False)
     model = Lit()
     timer = StepTimer()
     callbacks = [callback, timer] if callback is not None else [timer]
@@ -74,33 +78,51 @@ def run(callback):
     return float(trainer.callback_metrics["val_acc"]) * 100, params, macs, total, timer, callback
 
 
+def mean(values) -> float:
+    return sum(values) / len(values)
+
+
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=5, help="training runs (seeds) per configuration")
+    args = parser.parse_args()
+    seeds = range(args.seeds)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # one table, not a log per fit
+    warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"command: python benchmarks/during_training.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmallVGG(width=32) on digits, "
-          f"{EPOCHS} epochs, events at epochs 2,4,6,8, target 70%\n")
-    dense = run(None)
-    print(f"dense: final acc {dense[0]:.1f}, params {dense[1]:,}, MACs {dense[2]:,}\n")
+          f"{EPOCHS} epochs, events at epochs 2,4,6,8, target 70%; accuracies are means over {args.seeds} seeds\n")
+    dense = [run(None, seed) for seed in seeds]
+    print(f"dense: final acc {mean([d[0] for d in dense]):.1f}, params {dense[0][1]:,}, MACs {dense[0][2]:,}\n")
     for schedule in ("cubic", "linear"):
-        runs = {
-            "intra-fusion": IntraFusionCallback(0.7, schedule=schedule, verbose=False, **EVENTS),
-            "default": IntraFusionCallback(0.7, schedule=schedule, method="default", verbose=False, **EVENTS),
-            "intra-fusion + BN recal": IntraFusionCallback(0.7, schedule=schedule, compare_default=False,
-                                                           recalibrate_batches=8, verbose=False, **EVENTS),
+        configs = {
+            "intra-fusion": dict(),
+            "default": dict(method="default"),
+            "intra-fusion + BN recal": dict(compare_default=False, recalibrate_batches=8),
         }
-        results = {name: run(cb) for name, cb in runs.items()}
-        sparsities = " / ".join(f"{100 * r['achieved_sparsity']:.0f}%" for r in results["default"][5].records)
+        results = {name: [run(IntraFusionCallback(0.7, schedule=schedule, verbose=False, **EVENTS, **kw), seed)
+                          for seed in seeds] for name, kw in configs.items()}
+        sparsities = " / ".join(f"{100 * r['achieved_sparsity']:.0f}%" for r in results["default"][0][5].records)
         print(f"schedule {schedule} (sparsity after each event: {sparsities})\n")
         print("| run | acc after event 1 / 2 / 3 / 4 | final acc | params | MACs | callback seconds |")
         print("|---|---|---|---|---|---|")
-        for name, (acc, params, macs, total, timer, cb) in results.items():
-            key = "acc_post_recalibrated" if cb.recalibrate_batches else "acc_post"
-            after = " / ".join(f"{100 * r[key]:.1f}" for r in cb.records)
-            spent = f"{sum(r['seconds'] for r in cb.records):.2f}"  # includes the comparison runs
-            print(f"| {name} | {after} | {acc:.1f} | {params:,} | {macs:,} | {spent} |")
+        after = {}
+        for name, runs in results.items():
+            key = "acc_post_recalibrated" if "recal" in name else "acc_post"
+            after[name] = [mean([100 * r[5].records[e][key] for r in runs]) for e in range(4)]
+            spent = mean([sum(rec["seconds"] for rec in r[5].records) for r in runs])  # includes the comparisons
+            print(f"| {name} | {' / '.join(f'{a:.1f}' for a in after[name])} | {mean([r[0] for r in runs]):.1f} | "
+                  f"{runs[0][1]:,} | {runs[0][2]:,} | {spent:.2f} |")
             if name == "intra-fusion":
-                same = " / ".join(f"{100 * r['acc_post_default']:.1f}" for r in cb.records)
-                print(f"| (same network, plain pruning of the same channels) | {same} | | | | |")
+                after["same"] = [mean([100 * r[5].records[e]["acc_post_default"] for r in runs]) for e in range(4)]
+                print(f"| (same network, plain pruning of the same channels) | "
+                      f"{' / '.join(f'{a:.1f}' for a in after['same'])} | | | | |")
+        for rival, label in (("same", "plain pruning of the same network"), ("default", "the default-pruning runs")):
+            wins = sum(a > b for a, b in zip(after["intra-fusion"], after[rival]))
+            print(f"\nintra-fusion above {label} right after {wins}/4 events")
         print()
     overhead()
 
@@ -113,7 +135,7 @@ def overhead(repeats: int = 9) -> None:
     for _ in range(repeats):
         for label in ("without", "with"):
             cb = [IntraFusionCallback(0.5, unit="step", start=10**9, evaluate=False)] if label == "with" else []
-            pl.seed_everything(0)
+            pl.seed_everything(0, verbose=False)
             trainer = pl.Trainer(max_epochs=2, callbacks=cb, logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                                  limit_val_batches=0)

@@ -1,7 +1,7 @@
 """One-shot, data-free pruning on digits: default vs Intra-Fusion (paper preset) vs Intra-Fusion
 (our defaults), each with and without BatchNorm re-estimation; no fine-tuning.
 
-    python benchmarks/oneshot.py            # full table (trains and caches the models once)
+    python benchmarks/oneshot.py            # full table (trains and caches 5 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost for our defaults
 """
 
@@ -31,6 +31,10 @@ MODELS = {
         lambda: SmallTransformer(dim=64, heads=4, mlp=128),
         {"include": ["*.fc1", "*.attn.q"], "channel_blocks": {"*.attn.q": 16}},
     ),
+    "transformer (nn.MHA)": (
+        lambda: SmallTransformer(dim=64, heads=4, mlp=128, attention="torch"),
+        {"include": ["*.fc1", "*.attn"]},
+    ),
 }
 
 
@@ -54,7 +58,7 @@ def trained(name: str, train_set, seed: int = 0) -> nn.Module:
     factory, _ = MODELS[name]
     torch.manual_seed(seed)
     model = factory()
-    path = os.path.join(CACHE, f"{name}_seed{seed}.pt")
+    path = os.path.join(CACHE, f"{name.split()[0]}{'_mha' if 'MHA' in name else ''}_seed{seed}.pt")
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
@@ -79,7 +83,7 @@ def variants(max_cost: float):
     }
 
 
-def run_cell(model, name, sparsity, variant, extra, train_set, test_set, calibrate):
+def run_cell(model, name, sparsity, extra, train_set, test_set, calibrate):
     pruned = copy.deepcopy(model)
     x = test_set.tensors[0][:8]
     calib = None
@@ -89,37 +93,72 @@ def run_cell(model, name, sparsity, variant, extra, train_set, test_set, calibra
     return accuracy(pruned, test_set), report
 
 
+def mean_std(values) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.1f} ±{t.std():.1f}" if len(values) > 1 else f"{t.mean():.1f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=5, help="independently trained models per architecture")
     parser.add_argument("--sweep", action="store_true", help="sweep max_cost of our defaults")
     parser.add_argument("--max-cost", type=float, default=OTConfig().max_cost)
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_set, test_set = digits_tensors()
+    seeds = range(args.seeds)
     print(f"command: python benchmarks/oneshot.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; digits: {len(train_set)} train / {len(test_set)} test\n")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; digits: {len(train_set)} train / "
+          f"{len(test_set)} test; accuracy: mean ±std over {args.seeds} models trained from different seeds\n")
     print("| model | sparsity | method | acc | acc +BN recal | params | MACs | seconds |")
     print("|---|---|---|---|---|---|---|---|")
+    means = {}
     for name in MODELS:
-        model = trained(name, train_set)
-        dense = accuracy(model, test_set)
-        print(f"| {name} | 0% | dense | {dense:.1f} | | | | |")
+        models = [trained(name, train_set, seed) for seed in seeds]
+        has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
+        print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | |")
         for s in SPARSITIES:
             for label, extra in variants(args.max_cost).items():
-                acc, report = run_cell(model, name, s, label, extra, train_set, test_set, False)
-                acc_cal, _ = run_cell(model, name, s, label, extra, train_set, test_set, True)
-                print(f"| {name} | {s:.0%} | {label} | {acc:.1f} | {acc_cal:.1f} | {report.params_after:,} | "
-                      f"{report.macs_after:,} | {report.seconds:.3f} |")
+                runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
+                accs, report = [a for a, _ in runs], runs[0][1]
+                seconds = sum(r.seconds for _, r in runs) / len(runs)
+                means[name, s, label] = [sum(accs) / len(accs)]
+                recal = "n/a (no BatchNorm)"
+                if has_batchnorm:
+                    calibrated = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
+                    means[name, s, label].append(sum(calibrated) / len(calibrated))
+                    recal = mean_std(calibrated)
+                print(f"| {name} | {s:.0%} | {label} | {mean_std(accs)} | {recal} | "
+                      f"{report.params_after:,} | {report.macs_after:,} | {seconds:.3f} |")
         if args.sweep:
             for s in SPARSITIES:
                 cells = []
                 for mc in (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 10.0):
-                    acc, _ = run_cell(model, name, s, "sweep", dict(ot_config=OTConfig(max_cost=mc)), train_set, test_set, False)
-                    cells.append(f"{mc}:{acc:.1f}")
+                    accs = [run_cell(m, name, s, dict(ot_config=OTConfig(max_cost=mc)), train_set, test_set, False)[0] for m in models]
+                    cells.append(f"{mc}:{sum(accs) / len(accs):.1f}")
                 print(f"| sweep max_cost {name} {s:.0%} | " + " ".join(cells) + " |")
+    summarize(means)
     if not args.no_timing:
         timing()
+
+
+def summarize(means) -> None:
+    """How often (cells x {without, with recalibration}, on mean accuracy) our defaults match or beat
+    plain pruning and the paper preset."""
+    cells = [(name, s) for name, s, label in means if label == "default"]
+    total = sum(len(means[name, s, "default"]) for name, s in cells)
+    print()
+    for rival in ("default", "if-paper"):
+        wins, losses = 0, []
+        for name, s in cells:
+            for column, tag in list(enumerate(("", " +recal")))[:len(means[name, s, "default"])]:
+                ours, theirs = means[name, s, "if-ours"][column], means[name, s, rival][column]
+                if ours >= theirs:
+                    wins += 1
+                else:
+                    losses.append(f"{name} {s:.0%}{tag} ({ours:.1f} vs {theirs:.1f})")
+        print(f"if-ours >= {rival}: {wins}/{total} cells" + (f"; below: {', '.join(losses)}" if losses else ""))
 
 
 def timing(repeats: int = 3) -> None:

@@ -48,6 +48,10 @@ class OTConfig:
             serves every layer width and ground metric); see ``max_cost_scale``.
         max_cost_scale: ``"median"`` (the above) or ``"absolute"``: ``max_cost`` is a distance between
             L2-normalised features (0: exact duplicates only; 2**0.5: orthogonal channels).
+        max_cost_without_bn: under ``"partial"``, groups whose producers are not followed by BatchNorm
+            (MLP and transformer feed-forward neurons, LayerNorm/GroupNorm nets) merge a channel only into
+            a kept one within this absolute distance (1.2: cosine similarity above 0.28); ``None`` treats
+            them like batch-normalised groups. Chosen on the benchmark (README).
         head_max_cost: how whole heads (``channel_blocks``, ``nn.MultiheadAttention``) are merged. Attention
             is bilinear in its query/key weights and passes through a softmax, so an averaged head computes
             neither head's attention unless the two are near-duplicates: a head is merged only into a
@@ -74,6 +78,7 @@ class OTConfig:
     max_cost: float = 1.0
     max_cost_scale: CostScale = "median"
     head_max_cost: Optional[float] = 0.5
+    max_cost_without_bn: Optional[float] = 1.2
     features: Features = "all"
     p: float = 2.0
     normalize_features: bool = True
@@ -90,8 +95,10 @@ class OTConfig:
         _check_choice("marginals", self.marginals, _MARGINALS)
         _check_choice("features", self.features, _FEATURES)
         _check_choice("max_cost_scale", self.max_cost_scale, _COST_SCALES)
-        if self.head_max_cost is not None and not self.head_max_cost > 0:
-            raise ValueError(f"OTConfig.head_max_cost must be > 0 or None, got {self.head_max_cost}")
+        for name in ("head_max_cost", "max_cost_without_bn"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"OTConfig.{name} must be > 0 or None, got {value}")
         _check_choice("producer_merge", self.producer_merge, _MERGES)
         _check_choice("consumer_merge", self.consumer_merge, _MERGES)
         if not self.p > 0:
@@ -118,15 +125,19 @@ class OTConfig:
             consumer_merge="sum",
             preserve_norm=False,
             head_max_cost=None,
+            max_cost_without_bn=None,
         )
         return replace(base, **overrides)
 
-    def for_heads(self) -> "OTConfig":
-        """The configuration applied to groups of whole heads (see ``head_max_cost``)."""
-        if self.head_max_cost is None:
-            return self
-        return replace(self, formulation="partial", features="producer", normalize_features=True,
-                       max_cost=self.head_max_cost, max_cost_scale="absolute")
+    def for_group(self, heads: bool = False, batch_normalized: bool = True) -> "OTConfig":
+        """The configuration applied to one group: whole heads (see ``head_max_cost``) and, under
+        ``"partial"``, groups without BatchNorm (see ``max_cost_without_bn``) get absolute thresholds."""
+        if heads and self.head_max_cost is not None:
+            return replace(self, formulation="partial", features="producer", normalize_features=True,
+                           max_cost=self.head_max_cost, max_cost_scale="absolute")
+        if not batch_normalized and self.formulation == "partial" and self.max_cost_without_bn is not None:
+            return replace(self, normalize_features=True, max_cost=self.max_cost_without_bn, max_cost_scale="absolute")
+        return self
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

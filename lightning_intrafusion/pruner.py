@@ -205,7 +205,7 @@ def _prune_groups(
         scores = scores.detach().double().cpu()
         kept = _choose_kept(scores, keep, group.blocks, unit)
         if method == "intrafusion":
-            group_config = config.for_heads() if unit > 1 else config
+            group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds))
             transport = _transport(group, scores, kept, unit, group_config)
             report.merged = (int((transport.sum(0) > 0).sum().item()) - len(kept)) * unit
             fused = fuse_group(group.slices, group.folds, _expand_units(transport, unit), _expand_index(kept, unit),

@@ -98,6 +98,15 @@ def test_heads_are_merged_only_when_near_duplicates():
     assert all(g.merged == 16 for g in loose.groups)  # every removed channel of the two removed heads
 
 
+def test_groups_without_batchnorm_merge_only_correlated_channels():
+    torch.manual_seed(0)
+    model = MLP()  # random init: hidden neurons are close to orthogonal (normalised distance ~1.4)
+    strict = prune(copy.deepcopy(model), X, 0.5)
+    loose = prune(copy.deepcopy(model), X, 0.5, ot_config=OTConfig(max_cost_without_bn=None))
+    assert [g.merged for g in strict.groups] == [0, 0]
+    assert all(g.merged > 0 for g in loose.groups)
+
+
 def test_calibration_reestimates_batchnorm_statistics():
     model = _resnet()
     batches = [torch.randn(16, 1, 8, 8) for _ in range(3)]
