@@ -99,12 +99,16 @@ def test_heads_are_merged_only_when_near_duplicates():
 
 
 def test_groups_without_batchnorm_merge_only_correlated_channels():
+    """Hidden neurons with orthonormal input rows and output columns are all sqrt(2) apart: none is
+    merged under the absolute threshold for BN-free groups, all are without it."""
     torch.manual_seed(0)
-    model = MLP()  # random init: hidden neurons are close to orthogonal (normalised distance ~1.4)
-    strict = prune(copy.deepcopy(model), X, 0.5)
-    loose = prune(copy.deepcopy(model), X, 0.5, ot_config=OTConfig(max_cost_without_bn=None))
-    assert [g.merged for g in strict.groups] == [0, 0]
-    assert all(g.merged > 0 for g in loose.groups)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
+    for layer in (model[1], model[3]):
+        nn.init.orthogonal_(layer.weight)
+    strict = prune(copy.deepcopy(model), X, 0.5, include=["1"])
+    loose = prune(copy.deepcopy(model), X, 0.5, include=["1"], ot_config=OTConfig(max_cost_without_bn=None, max_cost=1.5))
+    assert [g.merged for g in strict.groups] == [0]
+    assert [g.merged for g in loose.groups] == [8]
 
 
 def test_calibration_reestimates_batchnorm_statistics():
