@@ -52,6 +52,13 @@ class ChannelSlice:
         picked = values.detach().index_select(self.dim, self.positions.reshape(-1).to(values.device))
         return picked.movedim(self.dim, 0).reshape(n, -1).to(torch.float64)
 
+    def per_output(self, values: Optional[Tensor] = None) -> Tensor:
+        """For a consumer weight (channels along dim 1, outputs along dim 0): ``(out, n, m)``, the
+        entries of every output row that read each group channel (float32)."""
+        values = (self.tensor if values is None else values).detach()
+        picked = values.index_select(1, self.positions.reshape(-1).to(values.device))
+        return picked.reshape(values.shape[0], self.positions.shape[0], -1).float()
+
     def write(self, rows: Tensor, kept: Tensor, base: Optional[Tensor] = None) -> Tensor:
         """A new tensor equal to ``base`` (default: the current tensor) with the kept channels'
         entries replaced by ``rows`` (``(k, c * rest)``)."""
@@ -85,6 +92,15 @@ class GroupedInputSlice(ChannelSlice):
         values = (self.tensor if values is None else values).detach()
         view, block, column = self._coordinates(values, torch.arange(self.positions.shape[0]))
         return view[block, :, column].reshape(len(block), -1).to(torch.float64)
+
+    def per_output(self, values: Optional[Tensor] = None) -> Tensor:
+        values = (self.tensor if values is None else values).detach()
+        out, per_group = values.shape[0], values.shape[1]
+        rows = out // self.groups
+        dense = values.new_zeros(out, per_group * self.groups, values[0, 0].numel(), dtype=torch.float32)
+        for b in range(self.groups):  # conv group b reads only its own input channels
+            dense[b * rows:(b + 1) * rows, b * per_group:(b + 1) * per_group] = values[b * rows:(b + 1) * rows].reshape(rows, per_group, -1)
+        return dense[:, self.positions.reshape(-1).to(values.device)]
 
     def write(self, rows: Tensor, kept: Tensor, base: Optional[Tensor] = None) -> Tensor:
         base = self.tensor.detach() if base is None else base
@@ -174,19 +190,11 @@ def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFo
     return torch.cat(parts, dim=1)
 
 
-def fuse_group(
-    slices: Sequence[ChannelSlice],
-    folds: Sequence[BatchNormFold],
-    transport: Tensor,
-    kept: Tensor,
-    producer_merge: str = "average",
-    consumer_merge: str = "sum",
-    preserve_norm: bool = False,
-) -> Dict[str, Tensor]:
-    """New values for every tensor of a group (same shapes as now; the kept channels hold the
-    merged values, the others are left for the pruner to remove). Nothing is modified in place."""
-    features = channel_features(slices, folds, ("producer",)) if preserve_norm else None
-    mats = merge_matrices(transport, kept, producer_merge, consumer_merge, features)
+def fuse_group(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold], mats: Dict[Role, Tensor],
+               kept: Tensor) -> Dict[str, Tensor]:
+    """New values for every tensor of a group, given the producer and consumer merge matrices of
+    :func:`merge_matrices` (same shapes as now; the kept channels hold the merged values, the others
+    are left for the pruner to remove). Nothing is modified in place."""
     out: Dict[str, Tensor] = {}
     in_fold = {id(s) for f in folds for s in f.slices()}
     for fold in folds:
@@ -200,6 +208,40 @@ def fuse_group(
         merged = mats[s.role].to(current.device) @ s.rows(current)
         out[s.key] = s.write(merged, kept, base=current)
     return out
+
+
+def output_variance_ratios(slices: Sequence[ChannelSlice], producer_features: Tensor, producer_merge: Tensor,
+                           kept: Tensor, fused: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """For every consumer weight of the group: by how much the variance of each of its outputs
+    changes when the group's channels are replaced by the fused ones, ``(out,)`` per key.
+
+    Data-free estimate: channels have unit variance and correlate as the cosine similarity of their
+    producer rows (``producer_features``; merged channels: of their merged rows); a consumer's other
+    inputs are uncorrelated. A BatchNorm after the consumer can then keep normalising its input
+    (plain and fused pruning otherwise shrink the variance layer after layer). Exactly 1 where only
+    duplicates were merged.
+    """
+    unit = torch.nn.functional.normalize(producer_features.float(), dim=1)
+    merged = torch.nn.functional.normalize(producer_merge.float().to(unit.device) @ producer_features.float(), dim=1)
+    corr_before, corr_after = unit @ unit.T, merged @ merged.T
+    ratios: Dict[str, Tensor] = {}
+    for s in slices:
+        if s.role != "consumer" or not s.is_feature or s.dim != 1 or s.key not in fused:
+            continue
+        before = s.per_output()
+        after = s.per_output(fused[s.key])[:, kept.to(before.device)]
+        rest = s.tensor.detach().float().flatten(1).pow(2).sum(1) - before.pow(2).sum((1, 2))
+        var_before = _quadratic_form(before, corr_before) + rest
+        var_after = _quadratic_form(after, corr_after) + rest
+        ratios[s.key] = torch.where(var_before > 1e-12, var_after / var_before.clamp_min(1e-12), torch.ones_like(var_before))
+    return ratios
+
+
+def _quadratic_form(blocks: Tensor, corr: Tensor) -> Tensor:
+    """``sum_m x_om^T C x_om`` for every output ``o`` of ``blocks`` ``(out, n, m)``."""
+    out, n, m = blocks.shape
+    x = blocks.permute(0, 2, 1).reshape(-1, n)
+    return ((x @ corr.to(x)) * x).sum(1).reshape(out, m).sum(1)
 
 
 def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Dict[str, Tensor]:
@@ -231,8 +273,8 @@ def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Di
     new_beta = merge @ beta
     # Variance of sum_i a_i gamma_i u_i, taking the correlation of u_i and u_j as the cosine
     # similarity of their producer rows (exact for duplicates; recalibration refines it).
-    unit = torch.nn.functional.normalize(raw, dim=1)
-    corr = (unit @ unit.T).clamp(-1.0, 1.0)
+    unit = torch.nn.functional.normalize(raw.float(), dim=1)  # single precision is ample for an estimate
+    corr = (unit @ unit.T).clamp(-1.0, 1.0).to(raw.dtype)
     ag = merge * gamma[None, :]
     new_var = ((ag @ corr) * ag).sum(1).clamp_min(1e-12)
     new_gamma = torch.sqrt(new_var + fold.eps)

@@ -301,5 +301,16 @@ def _batchnorm_folds(bn_items: list, producer_weights: dict) -> List[BatchNormFo
     return folds
 
 
+def following_batchnorm(graph: tp.DependencyGraph, module: nn.Module) -> Optional[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm (with running statistics) that alone consumes ``module``'s output, if any."""
+    node = graph.module2node.get(module)
+    if node is None or len(node.outputs) != 1:
+        return None
+    follower = node.outputs[0].module
+    if isinstance(follower, nn.modules.batchnorm._BatchNorm) and follower.running_var is not None:
+        return follower
+    return None
+
+
 def matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)

@@ -69,6 +69,10 @@ class OTConfig:
         preserve_norm: rescale each merged producer channel so that its (folded) weight norm is the
             transport-weighted mean of the merged channels' norms: averaging dissimilar channels
             otherwise shrinks them. Exact duplicates are unaffected.
+        correct_variance: after fusing a group, rescale the running variance of every BatchNorm that
+            directly follows a layer consuming the group by the data-free estimate of how much that
+            layer's output variance changed (:func:`~lightning_intrafusion.fusion.output_variance_ratios`).
+            Without it the variance shrinks layer after layer and eval-mode BNs under-normalise.
         sinkhorn_reg: entropic regularisation, relative to the largest cost.
         num_iter_max: iteration cap of the solver; hitting it raises :class:`TransportError`.
     """
@@ -86,6 +90,7 @@ class OTConfig:
     producer_merge: Merge = "average"
     consumer_merge: Merge = "sum"
     preserve_norm: bool = True
+    correct_variance: bool = True
     sinkhorn_reg: float = 0.01
     num_iter_max: int = 1_000_000
 
@@ -124,6 +129,7 @@ class OTConfig:
             producer_merge="sum",
             consumer_merge="sum",
             preserve_norm=False,
+            correct_variance=False,
             head_max_cost=None,
             max_cost_without_bn=None,
         )

@@ -17,8 +17,15 @@ from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import call_model, preserved_modes
-from lightning_intrafusion.fusion import channel_features, fuse_group
-from lightning_intrafusion.graph import PrunableGroup, UnsupportedModelError, build_graph, iter_groups, matches
+from lightning_intrafusion.fusion import channel_features, fuse_group, merge_matrices, output_variance_ratios
+from lightning_intrafusion.graph import (
+    PrunableGroup,
+    UnsupportedModelError,
+    build_graph,
+    following_batchnorm,
+    iter_groups,
+    matches,
+)
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_slices
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import GroupReport, PruneReport
@@ -208,8 +215,13 @@ def _prune_groups(
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds))
             transport = _transport(group, scores, kept, unit, group_config)
             report.merged = (int((transport.sum(0) > 0).sum().item()) - len(kept)) * unit
-            fused = fuse_group(group.slices, group.folds, _expand_units(transport, unit), _expand_index(kept, unit),
-                               group_config.producer_merge, group_config.consumer_merge, group_config.preserve_norm)
+            channels = _expand_index(kept, unit)
+            features = channel_features(group.slices, group.folds, ("producer",))
+            mats = merge_matrices(_expand_units(transport, unit), channels, group_config.producer_merge,
+                                  group_config.consumer_merge, features if group_config.preserve_norm else None)
+            fused = fuse_group(group.slices, group.folds, mats, channels)
+            if group_config.correct_variance:
+                _correct_following_batchnorms(graph, group, output_variance_ratios(group.slices, features, mats["producer"], channels, fused))
             _assign(group, fused)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))
@@ -290,6 +302,15 @@ def _expand_index(kept: Tensor, unit: int) -> Tensor:
     if unit == 1:
         return kept
     return (kept[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+
+
+def _correct_following_batchnorms(graph: tp.DependencyGraph, group: PrunableGroup, ratios: Dict[str, Tensor]) -> None:
+    """Scale the running variance of the BN after each consumer by its estimated output-variance
+    change (a new buffer: the snapshot keeps the old one for a rollback)."""
+    for key, ratio in ratios.items():
+        norm = following_batchnorm(graph, group.targets[key][0])
+        if norm is not None and norm.running_var.shape == ratio.shape:
+            norm._buffers["running_var"] = norm.running_var * ratio.to(norm.running_var)
 
 
 def _assign(group: PrunableGroup, tensors: Dict[str, Tensor]) -> None:
