@@ -75,12 +75,15 @@ def accuracy(model: nn.Module, data) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def variants(max_cost: float):
-    return {
+def variants(max_cost: float, has_batchnorm: bool):
+    out = {
         "default": dict(method="default"),
         "if-paper": dict(ot_config=OTConfig.paper()),
         "if-ours": dict(ot_config=OTConfig(max_cost=max_cost)),
     }
+    if has_batchnorm:  # ablation: what the data-free BN variance correction adds
+        out["if-ours w/o var. corr."] = dict(ot_config=OTConfig(max_cost=max_cost, correct_variance=False))
+    return out
 
 
 def run_cell(model, name, sparsity, extra, train_set, test_set, calibrate):
@@ -119,7 +122,7 @@ def main() -> None:
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
         print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | |")
         for s in SPARSITIES:
-            for label, extra in variants(args.max_cost).items():
+            for label, extra in variants(args.max_cost, has_batchnorm).items():
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 accs, report = [a for a, _ in runs], runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
