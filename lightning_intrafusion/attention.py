@@ -134,7 +134,7 @@ class PrunableMultiheadAttention(nn.MultiheadAttention):
                     src: int, dtype: torch.dtype, is_causal: bool) -> Optional[Tensor]:
         """One additive mask, broadcastable to ``(batch, heads, tgt, src)``, or None."""
         if attn_mask is None and is_causal:
-            attn_mask = torch.ones(tgt, src, dtype=torch.bool).triu(1)
+            attn_mask = torch.ones(tgt, src, dtype=torch.bool, device=self.in_proj_weight.device).triu(1)
         mask = None
         if attn_mask is not None:
             mask = _additive(attn_mask, dtype)

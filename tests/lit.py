@@ -4,14 +4,16 @@ import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
 
-from lightning_intrafusion.models import SmallVGG
+from lightning_intrafusion.models import SmallTransformer, SmallVGG
 
 
 class LitClassifier(pl.LightningModule):
-    def __init__(self, width: int = 8, lr: float = 0.05, optimizer: str = "sgd", scheduler: bool = True):
+    def __init__(self, width: int = 8, lr: float = 0.05, optimizer: str = "sgd", scheduler: bool = True,
+                 arch: str = "vgg"):
         super().__init__()
         self.save_hyperparameters()
-        self.net = SmallVGG(width=width)
+        # "transformer": nn.MultiheadAttention blocks, whose heads the callback can remove
+        self.net = SmallVGG(width=width) if arch == "vgg" else SmallTransformer(dim=32, heads=4, mlp=64, attention="torch")
 
     def forward(self, x):
         return self.net(x)

@@ -100,6 +100,25 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path):
     assert torch.equal(full(x), restored(x))
 
 
+def test_attention_heads_pruned_during_fit_and_restored_from_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    model = LitClassifier(arch="transformer", optimizer="adam", lr=3e-3, scheduler=False)
+    cb = IntraFusionCallback(target_sparsity=0.5, epochs=[1, 2], schedule="linear", include=["*.attn", "*.fc1"])
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer = pl.Trainer(max_epochs=4, callbacks=[cb, checkpoint], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    heads = [block.attn.num_heads for block in model.net.blocks]
+    assert heads == [2, 2] and all(type(b.attn).__name__ == "PrunableMultiheadAttention" for b in model.net.blocks)
+    assert [r["achieved_sparsity"] for r in cb.records] == pytest.approx([0.25, 0.5], abs=0.05)
+    assert trainer.callback_metrics["val_acc"] > 0.8  # Adam went on training the pruned heads
+
+    restored = restore_pruned(LitClassifier(arch="transformer"), str(tmp_path / "ckpt" / "last.ckpt"))
+    x = torch.randn(4, 1, 8, 8)
+    model.eval(), restored.eval()
+    assert torch.equal(model(x), restored(x))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target_sparsity=1.0), "target_sparsity"),
     (dict(target_sparsity=-0.1), "target_sparsity"),
