@@ -20,6 +20,14 @@ from lightning_intrafusion.datasets import DigitsDataModule
 from lightning_intrafusion.models import SmallResNet, SmallTransformer, SmallVGG, resnet18
 
 
+def grouped_convnet() -> torch.nn.Module:
+    from torch import nn
+
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 32, 1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10))
+
+
 def compare(name, factory, x, device, **kwargs):
     torch.manual_seed(0)
     base = factory().eval()
@@ -40,7 +48,7 @@ def compare(name, factory, x, device, **kwargs):
         cpu_out, cpu_s, _ = results[("cpu", solver)]
         dev_out, dev_s, devices = results[(device, solver)]
         diff = (cpu_out - dev_out).abs().max().item()
-        print(f"{name:12s} {solver:8s} params on {sorted(devices)}  max |cpu - {device}| = {diff:.2e}  "
+        print(f"{name:20s} {solver:8s} params on {sorted(devices)}  max |cpu - {device}| = {diff:.2e}  "
               f"cpu {cpu_s:.3f}s  {device} {dev_s:.3f}s")
 
 
@@ -58,6 +66,9 @@ def main() -> int:
     compare("vgg", lambda: SmallVGG(32), images, args.device)
     compare("resnet", lambda: SmallResNet(16), images, args.device)
     compare("transformer", lambda: SmallTransformer(), images, args.device, channel_blocks={"*.attn.q": 16})
+    compare("transformer (nn.MHA)", lambda: SmallTransformer(attention="torch"), images, args.device,
+            include=["*.attn", "*.fc1"])
+    compare("grouped conv", grouped_convnet, images, args.device)
     compare("resnet18", resnet18, torch.randn(2, 3, 32, 32), args.device)
 
     pl.seed_everything(0)
