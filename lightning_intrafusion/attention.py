@@ -10,7 +10,7 @@ when, it removes heads from it; its state dict then loads into a converted fresh
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +159,11 @@ def projection_positions(module: nn.MultiheadAttention) -> Tuple[int, Tensor]:
     return inner, torch.stack([rows, rows + inner, rows + 2 * inner], dim=1)
 
 
+# where each parameter of an attention layer holds the projection channels: (dim, copies), the
+# copies being the query, key and value blocks of the packed input projection
+_LAYOUT = {"in_proj_weight": (0, 3), "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)}
+
+
 def remove_projection_channels(model: nn.Module, name: str, idxs: Sequence[int]) -> None:
     """Remove projection channels ``idxs`` (whole heads) from attention layer ``name``, converting a
     ``nn.MultiheadAttention`` to :class:`PrunableMultiheadAttention` first."""
@@ -172,9 +177,12 @@ def remove_projection_channels(model: nn.Module, name: str, idxs: Sequence[int])
     inner = module.inner_dim
     if len(idxs) % module.head_dim or len(set(idxs)) >= inner:
         raise ValueError(f"cannot remove {len(idxs)} projection channels from {name!r} (head_dim {module.head_dim}, width {inner})")
-    for attr, dim, keep in _kept_entries(module, idxs):
+    for attr in _LAYOUT:
         owner, leaf = (module.out_proj, "weight") if attr == "out_proj.weight" else (module, attr)
         param = getattr(owner, leaf)
+        if param is None:
+            continue
+        dim, keep = surviving_indices(attr, param.shape, idxs)
         # a new Parameter, not new .data: autograd remembers the shape of the old one
         setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
                                           requires_grad=param.requires_grad))
@@ -185,27 +193,11 @@ def surviving_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int]) 
     """For parameter ``attr`` (e.g. ``"in_proj_weight"``, ``"out_proj.weight"``) of an attention layer,
     of shape ``old_shape`` before projection channels ``idxs`` were removed: (dim, surviving indices),
     or None if ``attr`` holds no projection channels."""
-    layout = {"in_proj_weight": (0, 3), "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)}
-    if attr not in layout:
+    if attr not in _LAYOUT:
         return None
-    dim, copies = layout[attr]
-    for entry_attr, entry_dim, keep in _kept_entries(None, idxs, old_shape[dim] // copies):
-        if entry_attr == attr:
-            return entry_dim, keep
-    return None
-
-
-def _kept_entries(module: Optional[nn.MultiheadAttention], idxs: Sequence[int],
-                  inner: Optional[int] = None) -> List[Tuple[str, int, Tensor]]:
-    inner = module.in_proj_weight.shape[0] // 3 if module is not None else int(inner)
-    survives = torch.ones(inner, dtype=torch.bool)
+    dim, copies = _LAYOUT[attr]
+    width = old_shape[dim] // copies
+    survives = torch.ones(width, dtype=torch.bool)
     survives[torch.as_tensor(list(idxs), dtype=torch.long)] = False
     keep = survives.nonzero().flatten()
-    rows = torch.cat([keep, keep + inner, keep + 2 * inner])
-    entries = [("in_proj_weight", 0, rows), ("in_proj_bias", 0, rows), ("out_proj.weight", 1, keep),
-               ("bias_k", 2, keep), ("bias_v", 2, keep)]
-    if module is None:
-        return entries
-    present = {"in_proj_weight": module.in_proj_weight, "in_proj_bias": module.in_proj_bias,
-               "out_proj.weight": module.out_proj.weight, "bias_k": module.bias_k, "bias_v": module.bias_v}
-    return [e for e in entries if present[e[0]] is not None]
+    return dim, torch.cat([keep + c * width for c in range(copies)])
