@@ -213,22 +213,30 @@ def _prune_groups(
         kept = _choose_kept(scores, keep, group.blocks, unit)
         if method == "intrafusion":
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds))
-            transport = _transport(group, scores, kept, unit, group_config)
-            report.merged = (int((transport.sum(0) > 0).sum().item()) - len(kept)) * unit
-            channels = _expand_index(kept, unit)
-            features = channel_features(group.slices, group.folds, ("producer",))
-            mats = merge_matrices(_expand_units(transport, unit), channels, group_config.producer_merge,
-                                  group_config.consumer_merge, features if group_config.preserve_norm else None)
-            fused = fuse_group(group.slices, group.folds, mats, channels)
-            if group_config.correct_variance:
-                _correct_following_batchnorms(graph, group, output_variance_ratios(group.slices, features, mats["producer"], channels, fused))
-            _assign(group, fused)
+            report.merged = _fuse(graph, group, scores, kept, unit, group_config)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))
     names = {m: n for n, m in graph.model.named_modules()}
     removals = merge_removals(entries, names)
     apply_removals(graph.model, removals)
     return reports, removals
+
+
+def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int,
+          config: OTConfig) -> int:
+    """Merge all channels of ``group`` into the kept ones along an OT plan (values only; shapes are
+    unchanged until the removal). Returns how many removed channels were merged somewhere."""
+    transport = _expand_units(_transport(group, scores, kept, unit, config), unit)
+    channels = _expand_index(kept, unit)
+    features = channel_features(group.slices, group.folds, ("producer",))
+    mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
+                          features if config.preserve_norm else None)
+    fused = fuse_group(group.slices, group.folds, mats, channels)
+    if config.correct_variance:
+        ratios = output_variance_ratios(group.slices, features, mats["producer"], channels, fused)
+        _correct_following_batchnorms(graph, group, ratios)
+    _assign(group, fused)
+    return int((transport.sum(0) > 0).sum().item()) - len(channels)
 
 
 def _block_size(group: PrunableGroup, channel_blocks: Mapping[str, int]) -> int:

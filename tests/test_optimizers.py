@@ -3,7 +3,6 @@ weights are a selection of the old ones, so state that equalled the weights must
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_intrafusion import prune
 from lightning_intrafusion.models import SmallResNet, SmallTransformer
