@@ -159,14 +159,20 @@ def projection_positions(module: nn.MultiheadAttention) -> Tuple[int, Tensor]:
     return inner, torch.stack([rows, rows + inner, rows + 2 * inner], dim=1)
 
 
-# where each parameter of an attention layer holds the projection channels: (dim, copies), the
-# copies being the query, key and value blocks of the packed input projection
-_LAYOUT = {"in_proj_weight": (0, 3), "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)}
+# where each parameter of an attention layer holds the channels removed by each side: (dim, copies),
+# the copies being the query, key and value blocks of the packed input projection. "heads" removes
+# projection channels (whole heads), "embed" channels of the embedding the layer reads and writes.
+_LAYOUTS = {
+    "heads": {"in_proj_weight": (0, 3), "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)},
+    "embed": {"in_proj_weight": (1, 1), "out_proj.weight": (0, 1), "out_proj.bias": (0, 1)},
+}
+SIDES = tuple(_LAYOUTS)
 
 
-def remove_projection_channels(model: nn.Module, name: str, idxs: Sequence[int]) -> None:
-    """Remove projection channels ``idxs`` (whole heads) from attention layer ``name``, converting a
-    ``nn.MultiheadAttention`` to :class:`PrunableMultiheadAttention` first."""
+def remove_channels(model: nn.Module, name: str, side: str, idxs: Sequence[int]) -> None:
+    """Remove projection channels (``side="heads"``: whole heads) or embedding channels
+    (``side="embed"``) ``idxs`` from attention layer ``name``, converting a ``nn.MultiheadAttention``
+    to :class:`PrunableMultiheadAttention` first."""
     module = model.get_submodule(name)
     if not isinstance(module, nn.MultiheadAttention):
         raise ValueError(f"pruning history names {name!r} as an attention layer, but it is a {type(module).__name__}")
@@ -174,28 +180,30 @@ def remove_projection_channels(model: nn.Module, name: str, idxs: Sequence[int])
         module = PrunableMultiheadAttention.from_torch(module)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, module)
-    inner = module.inner_dim
-    if len(idxs) % module.head_dim or len(set(idxs)) >= inner:
-        raise ValueError(f"cannot remove {len(idxs)} projection channels from {name!r} (head_dim {module.head_dim}, width {inner})")
-    for attr in _LAYOUT:
-        owner, leaf = (module.out_proj, "weight") if attr == "out_proj.weight" else (module, attr)
+    width = module.inner_dim if side == "heads" else module.embed_dim
+    if len(set(idxs)) >= width or (side == "heads" and len(idxs) % module.head_dim):
+        raise ValueError(f"cannot remove {len(idxs)} {side} channels from {name!r} (width {width}, head_dim {module.head_dim})")
+    for attr in _LAYOUTS[side]:
+        owner, leaf = (module.out_proj, attr[9:]) if attr.startswith("out_proj.") else (module, attr)
         param = getattr(owner, leaf)
         if param is None:
             continue
-        dim, keep = surviving_indices(attr, param.shape, idxs)
+        dim, keep = surviving_indices(attr, param.shape, idxs, side)
         # a new Parameter, not new .data: autograd remembers the shape of the old one
         setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
                                           requires_grad=param.requires_grad))
-    module.out_proj.in_features = module.inner_dim
+    module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+    module.out_proj.in_features, module.out_proj.out_features = module.inner_dim, module.embed_dim
 
 
-def surviving_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int]) -> Optional[Tuple[int, Tensor]]:
+def surviving_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],
+                      side: str = "heads") -> Optional[Tuple[int, Tensor]]:
     """For parameter ``attr`` (e.g. ``"in_proj_weight"``, ``"out_proj.weight"``) of an attention layer,
-    of shape ``old_shape`` before projection channels ``idxs`` were removed: (dim, surviving indices),
-    or None if ``attr`` holds no projection channels."""
-    if attr not in _LAYOUT:
+    of shape ``old_shape`` before the ``side`` channels ``idxs`` were removed: (dim, surviving
+    indices), or None if ``attr`` holds no such channels."""
+    if attr not in _LAYOUTS[side]:
         return None
-    dim, copies = _LAYOUT[attr]
+    dim, copies = _LAYOUTS[side][attr]
     width = old_shape[dim] // copies
     survives = torch.ones(width, dtype=torch.bool)
     survives[torch.as_tensor(list(idxs), dtype=torch.long)] = False

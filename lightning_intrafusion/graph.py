@@ -182,6 +182,20 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         if positions is None:
             unsupported = f"{name} ({type(module).__name__}) sees the group's channels unevenly (split/slice)"
             continue
+        if isinstance(module, nn.MultiheadAttention):
+            # reads and writes the group's channels: input-projection columns, output-projection rows
+            if not (isinstance(module, PrunableMultiheadAttention) or module._qkv_same_embed_dim):
+                unsupported = f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim"
+                continue
+            layers.append((module, "embed", positions))
+            for owner, attr, dim, role, feature in ((module, "in_proj_weight", 1, "consumer", True),
+                                                    (module.out_proj, "weight", 0, "producer", True),
+                                                    (module.out_proj, "bias", 0, "producer", False)):
+                key = f"{name}.{attr}" if owner is module else f"{name}.out_proj.{attr}"
+                if getattr(owner, attr, None) is not None and key not in targets:
+                    slices.append(ChannelSlice(key, getattr(owner, attr), dim, positions, role, feature))
+                    targets[key] = (owner, attr)
+            continue
         spec = _tensor_specs(module, is_out)
         if spec is None:
             unsupported = _why_unsupported(name, module)
@@ -264,9 +278,6 @@ def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, i
 def _why_unsupported(name: str, module: nn.Module) -> str:
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
         return f"{name} is a grouped transposed convolution (groups={module.groups}), which has no fusion rule"
-    if isinstance(module, nn.MultiheadAttention):
-        return (f"the embedding width of {name} (nn.MultiheadAttention) cannot be pruned; its heads can "
-                f"(include=[{name!r}])")
     if isinstance(module, nn.LayerNorm):
         return f"{name} is a LayerNorm over {tuple(module.normalized_shape)} (only 1-D is supported)"
     return f"{name} ({type(module).__name__}) is a layer type without a fusion rule"

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
 from lightning_intrafusion.attention import surviving_indices
 from lightning_intrafusion.surgery import complement, is_grouped_conv, select_grouped_inputs
 
@@ -93,10 +94,11 @@ def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
 
 
 def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]]) -> Optional[Dict[int, Tensor]]:
-    """Surviving indices of a parameter of an attention layer that lost heads, or None."""
+    """Surviving indices of a parameter of an attention layer that lost heads or embedding channels."""
+    kept: Dict[int, Tensor] = {}
     for module_name, side, idxs in removals:
-        if side == "heads" and name.startswith(module_name + "."):
-            found = surviving_indices(name[len(module_name) + 1:], old_shape, idxs)
+        if side in ATTENTION_SIDES and name.startswith(module_name + "."):
+            found = surviving_indices(name[len(module_name) + 1:], old_shape, idxs, side)
             if found is not None:
-                return {found[0]: found[1]}
-    return None
+                kept[found[0]] = found[1]
+    return kept or None

@@ -15,10 +15,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_intrafusion.attention import remove_projection_channels
+from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
+from lightning_intrafusion.attention import remove_channels as remove_attention_channels
 
 # (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), or (attention layer name,
-# "heads", projection channels)
+# "heads" | "embed", projection or embedding channels)
 Removal = Tuple[str, str, List[int]]
 
 _PRUNERS = tp.DependencyGraph()  # only used as a registry of per-layer pruning functions
@@ -37,7 +38,7 @@ def merge_removals(entries: Sequence[Tuple[Any, str, Sequence[int]]], names: Dic
     parameters come as (parameter name, "dim<d>", indices)."""
     merged: Dict[Tuple[Any, object], Tuple[Any, str, set]] = {}
     for target, side, idxs in entries:
-        if isinstance(target, str) or side == "heads":
+        if isinstance(target, str) or side in ATTENTION_SIDES:
             key: Tuple[Any, object] = (target, side)
         else:
             fn = pruning_function(target, side)
@@ -55,8 +56,8 @@ def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
         if side.startswith("dim"):
             _prune_parameter(model, name, int(side[3:]), idxs)
             continue
-        if side == "heads":
-            remove_projection_channels(model, name, idxs)
+        if side in ATTENTION_SIDES:
+            remove_attention_channels(model, name, side, idxs)
             continue
         if name not in modules:
             raise ValueError(f"pruning history names a module {name!r} that the model does not have")

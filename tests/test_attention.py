@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_same_state, state
-from lightning_intrafusion import UnsupportedModelError, prune
+from helpers import EvenUnitsFirst, assert_same_state, duplicate_odd_units, state
+from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 from lightning_intrafusion.attention import PrunableMultiheadAttention
 from lightning_intrafusion.models import SmallTransformer
 from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
@@ -106,7 +106,7 @@ def test_fusing_duplicated_heads_preserves_outputs(name):
 def test_pruned_heads_replay_into_a_fresh_model():
     torch.manual_seed(0)
     model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
-    first = prune(model, X, 0.25, include=["*.attn", "*.fc1"])
+    first = prune(model, X, 0.25)  # embedding width, heads and MLP neurons
     second = prune(model, X, 0.5, include=["*.attn"], reference_widths={g.name: g.width_before for g in first.groups})
     assert [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)] == [2, 2]
     fresh = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
@@ -135,12 +135,36 @@ def test_optimizer_state_follows_the_kept_heads():
     assert torch.equal(optimizer.state[attn.out_proj.weight]["exp_avg_sq"], old_out[:, kept])
 
 
-def test_embedding_width_through_attention_is_refused_with_advice():
-    model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch")
-    before = state(model)
-    with pytest.raises(UnsupportedModelError, match=r"embedding width of blocks\.0\.attn .*include=\['blocks\.0\.attn'\]"):
-        prune(model, X, 0.5)
-    assert_same_state(before, state(model))
+REST = {"small_transformer": ["embed", "*.fc1", "*.fc2"], "transformer_encoder": ["embed", "*.linear1", "*.linear2"]}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fusing_duplicated_channels_everywhere_preserves_outputs(name):
+    """Heads, then the embedding (residual) width and the MLP neurons: every removed head or channel
+    duplicates a kept one (heads: whose output projection outweighs its duplicate's)."""
+    factory, glob = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().eval()
+    duplicate_odd_units(model, X, units={glob: 8})
+    _duplicate_odd_heads(model)
+    with torch.no_grad():
+        expected = model(X)
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+
+    config = OTConfig(features="producer")
+    heads = prune(fused, X, 0.5, ot_config=config, include=[glob])
+    rest = prune(fused, X, 0.5, ot_config=config, include=REST[name], importance=EvenUnitsFirst())
+    prune(plain, X, 0.5, method="default", include=[glob])
+    prune(plain, X, 0.5, method="default", include=REST[name], importance=EvenUnitsFirst())
+
+    assert all(g.width_after * 2 == g.width_before for g in heads.groups + rest.groups)
+    assert any(g.name.endswith(("fc2", "linear2")) for g in rest.groups)  # the residual stream
+    assert all(m.embed_dim == 16 and m.num_heads == 2 for m in fused.modules() if isinstance(m, nn.MultiheadAttention))
+    with torch.no_grad():
+        assert torch.allclose(fused(X), expected, atol=1e-5)
+        assert (plain(X) - expected).abs().max() > 1e-2
+    fused.train()
+    fused(X).sum().backward()
 
 
 def test_attention_with_other_key_width_is_refused():

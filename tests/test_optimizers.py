@@ -15,7 +15,7 @@ MODELS = {
     "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
     "grouped_conv": (GroupedConvNet, {}),
     "transformer_everything": (lambda: SmallTransformer(dim=32, heads=4, mlp=64), {"channel_blocks": {"*.attn.q": 8}}),
-    "multihead_attention": (lambda: SmallTransformer(dim=32, heads=4, mlp=64, attention="torch"), {"include": ["*.attn", "*.fc1"]}),
+    "multihead_attention": (lambda: SmallTransformer(dim=32, heads=4, mlp=64, attention="torch"), {}),
 }
 
 
