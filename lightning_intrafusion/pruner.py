@@ -94,8 +94,7 @@ def prune(
         group_reports, removals = _prune_groups(
             graph, selected, sparsity, method, scorer, ot_config, reference_widths or {}, channel_blocks or {}
         )
-        if _output_shapes(model, example_inputs) != output_before:
-            raise RuntimeError("pruning changed the model's output shape; the step was rolled back")
+        _check_still_runs(model, example_inputs, output_before)
         calibrated = False
         if calibration_data is not None:
             recalibrate_batchnorm(model, calibration_data, calibration_batches)
@@ -135,6 +134,19 @@ def _output_shapes(model: nn.Module, example_inputs: Any) -> List[Tuple[int, ...
     except Exception as err:
         raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
     return [tuple(t.shape) for t in _tensors(out)]
+
+
+def _check_still_runs(model: nn.Module, example_inputs: Any, output_before: List[Tuple[int, ...]]) -> None:
+    try:
+        output_after = _output_shapes(model, example_inputs)
+    except ValueError as err:
+        raise RuntimeError(
+            f"the pruned model no longer runs ({err.__cause__}); its forward depends on a layer width that "
+            "the dependency graph does not show (e.g. a reshape to a fixed number of heads). The step was "
+            "rolled back; leave those layers out with exclude=[...] or include=[...]"
+        ) from err
+    if output_after != output_before:
+        raise RuntimeError("pruning changed the model's output shape; the step was rolled back")
 
 
 def _tensors(obj: Any) -> List[Tensor]:

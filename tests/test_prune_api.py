@@ -194,6 +194,35 @@ def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     prune(model, X, 0.5, exclude=["2"])  # leaving the grouped conv out works
 
 
+class PackedQKVNet(nn.Module):
+    """timm-style attention: one qkv linear, reshaped to a fixed number of heads of size C // heads."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(8, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.embed(x.reshape(-1, 8, 8))
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.head((t + self.proj(a)).mean(1))
+
+
+def test_packed_qkv_heads_are_refused_and_a_hidden_width_dependency_rolls_back():
+    model = PackedQKVNet()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="qkv"):
+        prune(model, X, 0.5)
+    with pytest.raises(RuntimeError, match="no longer runs.*rolled back"):
+        prune(model, X, 0.5, include=["embed"])  # the reshape ties the heads to the embedding width
+    assert_same_state(before, state(model))
+
+
 def test_solver_hitting_its_iteration_cap_is_detected_and_rolled_back():
     model = _resnet()
     before = state(model)
