@@ -23,6 +23,11 @@ from torch import Tensor
 Role = Literal["producer", "consumer"]
 
 
+def _working_dtype(tensor: Tensor) -> torch.dtype:
+    """Merges run in the weights' precision, at least single (half-precision weights are upcast)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 @dataclass
 class ChannelSlice:
     """The channels of a group as they appear in one tensor.
@@ -46,11 +51,11 @@ class ChannelSlice:
     is_feature: bool = True
 
     def rows(self, values: Optional[Tensor] = None) -> Tensor:
-        """Values as an ``(n, c * rest)`` matrix, one row per group channel (float64)."""
+        """Values as an ``(n, c * rest)`` matrix, one row per group channel (at least single precision)."""
         values = self.tensor if values is None else values
         n, c = self.positions.shape
         picked = values.detach().index_select(self.dim, self.positions.reshape(-1).to(values.device))
-        return picked.movedim(self.dim, 0).reshape(n, -1).to(torch.float64)
+        return picked.movedim(self.dim, 0).reshape(n, -1).to(_working_dtype(values))
 
     def per_output(self, values: Optional[Tensor] = None) -> Tensor:
         """For a consumer weight (channels along dim 1, outputs along dim 0): ``(out, n, m)``, the
@@ -91,7 +96,7 @@ class GroupedInputSlice(ChannelSlice):
     def rows(self, values: Optional[Tensor] = None) -> Tensor:
         values = (self.tensor if values is None else values).detach()
         view, block, column = self._coordinates(values, torch.arange(self.positions.shape[0]))
-        return view[block, :, column].reshape(len(block), -1).to(torch.float64)
+        return view[block, :, column].reshape(len(block), -1).to(_working_dtype(values))
 
     def per_output(self, values: Optional[Tensor] = None) -> Tensor:
         values = (self.tensor if values is None else values).detach()
@@ -175,7 +180,7 @@ def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFo
                      roles: Sequence[Role] = ("producer", "consumer")) -> Tensor:
     """Concatenated feature vector of every group channel: producer output rows (BN-folded where a
     BatchNorm follows) and/or consumer input columns, as ``roles`` asks (producer-only falls back to
-    both when no producer has weights). Returns ``(n, d)`` float64."""
+    both when no producer has weights). Returns ``(n, d)``, at least single precision."""
     if not any(s.is_feature and s.role in roles for s in slices):
         roles = ("producer", "consumer")
     folded = {id(f.weight): f for f in folds}
@@ -191,39 +196,56 @@ def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFo
 
 
 def fuse_group(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold], mats: Dict[Role, Tensor],
-               kept: Tensor) -> Dict[str, Tensor]:
+               kept: Tensor, correlation: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """New values for every tensor of a group, given the producer and consumer merge matrices of
     :func:`merge_matrices` (same shapes as now; the kept channels hold the merged values, the others
-    are left for the pruner to remove). Nothing is modified in place."""
+    are left for the pruner to remove). ``correlation`` (n x n, see :func:`channel_correlation`) is
+    the channel correlation assumed for BatchNorm statistics; by default each BN's producer rows give
+    it. Nothing is modified in place."""
     out: Dict[str, Tensor] = {}
     in_fold = {id(s) for f in folds for s in f.slices()}
     for fold in folds:
-        out.update(_fuse_batchnorm_fold(fold, mats["producer"], kept))
+        out.update(_fuse_batchnorm_fold(fold, mats["producer"], kept, correlation))
     for s in slices:
         if id(s) in in_fold:
             continue
         # A tensor can hold the group's channels along two dims (a layer feeding its own input
         # stream): chain the updates, the row and column merges commute.
         current = out.get(s.key, s.tensor.detach())
-        merged = mats[s.role].to(current.device) @ s.rows(current)
+        rows = s.rows(current)
+        merged = mats[s.role].to(device=current.device, dtype=rows.dtype) @ rows
         out[s.key] = s.write(merged, kept, base=current)
     return out
 
 
-def output_variance_ratios(slices: Sequence[ChannelSlice], producer_features: Tensor, producer_merge: Tensor,
+def gram(features: Tensor) -> Tensor:
+    """``F F^T`` of channel features (n x d), in single precision: channel similarities for the
+    statistics estimates, computed once per group."""
+    f = features.float()
+    return f @ f.T
+
+
+def channel_correlation(gram_matrix: Tensor) -> Tensor:
+    """Cosine similarity of the channels whose Gram matrix is given (zero-norm channels: 0)."""
+    norms = gram_matrix.diagonal().clamp_min(0).sqrt()
+    scale = torch.where(norms > 0, 1.0 / norms.clamp_min(1e-30), torch.zeros_like(norms))
+    return (gram_matrix * scale[:, None] * scale[None, :]).clamp(-1.0, 1.0)
+
+
+def output_variance_ratios(slices: Sequence[ChannelSlice], producer_gram: Tensor, producer_merge: Tensor,
                            kept: Tensor, fused: Dict[str, Tensor]) -> Dict[str, Tensor]:
     """For every consumer weight of the group: by how much the variance of each of its outputs
     changes when the group's channels are replaced by the fused ones, ``(out,)`` per key.
 
     Data-free estimate: channels have unit variance and correlate as the cosine similarity of their
-    producer rows (``producer_features``; merged channels: of their merged rows); a consumer's other
-    inputs are uncorrelated. A BatchNorm after the consumer can then keep normalising its input
+    producer rows (``producer_gram`` is their Gram matrix, see :func:`gram`; merged channels: of their
+    merged rows); a consumer's other inputs are uncorrelated. A BatchNorm after the consumer can then keep normalising its input
     (plain and fused pruning otherwise shrink the variance layer after layer). Exactly 1 where only
     duplicates were merged.
     """
-    unit = torch.nn.functional.normalize(producer_features.float(), dim=1)
-    merged = torch.nn.functional.normalize(producer_merge.float().to(unit.device) @ producer_features.float(), dim=1)
-    corr_before, corr_after = unit @ unit.T, merged @ merged.T
+    merge = producer_merge.to(device=producer_gram.device, dtype=producer_gram.dtype)
+    corr_before = channel_correlation(producer_gram)
+    corr_after = channel_correlation(merge @ producer_gram @ merge.T)  # Gram of the merged rows
     ratios: Dict[str, Tensor] = {}
     for s in slices:
         if s.role != "consumer" or not s.is_feature or s.dim != 1 or s.key not in fused:
@@ -244,7 +266,8 @@ def _quadratic_form(blocks: Tensor, corr: Tensor) -> Tensor:
     return ((x @ corr.to(x)) * x).sum(1).reshape(out, m).sum(1)
 
 
-def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Dict[str, Tensor]:
+def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor,
+                         correlation: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Merge a producer+BN pair in folded space and re-parameterise it.
 
     With ``u_i`` the standardised output of channel ``i`` and ``a`` one row of ``merge``, the
@@ -257,11 +280,11 @@ def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Di
     device = fold.weight.tensor.device
     merge = merge.to(device)
     k = len(kept)
-    identity_rows = torch.zeros(k, dtype=torch.bool, device=device)
     own = merge[torch.arange(k, device=device), kept.to(device)]
     identity_rows = (own == 1.0) & (merge.abs().sum(1) == 1.0)
 
     raw = fold.weight.rows()
+    merge = merge.to(raw.dtype)
     scale = fold.scale()
     w_f = raw * scale[:, None]
     b_f = fold.folded_bias()
@@ -273,8 +296,7 @@ def _fuse_batchnorm_fold(fold: BatchNormFold, merge: Tensor, kept: Tensor) -> Di
     new_beta = merge @ beta
     # Variance of sum_i a_i gamma_i u_i, taking the correlation of u_i and u_j as the cosine
     # similarity of their producer rows (exact for duplicates; recalibration refines it).
-    unit = torch.nn.functional.normalize(raw.float(), dim=1)  # single precision is ample for an estimate
-    corr = (unit @ unit.T).clamp(-1.0, 1.0).to(raw.dtype)
+    corr = (channel_correlation(gram(raw)) if correlation is None else correlation).to(raw)
     ag = merge * gamma[None, :]
     new_var = ((ag @ corr) * ag).sum(1).clamp_min(1e-12)
     new_gamma = torch.sqrt(new_var + fold.eps)

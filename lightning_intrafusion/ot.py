@@ -156,17 +156,18 @@ def _check_choice(name: str, value: str, choices: tuple) -> None:
 
 def feature_cost(sources: Tensor, targets: Tensor, p: float = 2.0, normalize: bool = True) -> Tensor:
     """Ground cost ``C[i, j] = ||u_i - v_j||_p`` between rows of ``sources`` (n x d) and ``targets``
-    (k x d); rows are L2-normalised first when ``normalize``."""
+    (k x d); rows are L2-normalised first when ``normalize``. Returns float64."""
     if sources.dim() != 2 or targets.dim() != 2 or sources.shape[1] != targets.shape[1]:
         raise ValueError(
             f"features must be 2-D with equal widths, got {tuple(sources.shape)} and {tuple(targets.shape)}"
         )
+    # single precision is ample for distances and much faster; the cost matrix itself is double, as
+    # exact OT and its convergence checks want
+    sources, targets = sources.float(), targets.float()
     if normalize:
         sources = torch.nn.functional.normalize(sources, dim=1)
         targets = torch.nn.functional.normalize(targets, dim=1)
-    if sources.dtype == torch.float64:  # single precision is ample for costs and much faster
-        return feature_cost(sources.float(), targets.float(), p, normalize=False).double()
-    return torch.cdist(sources.unsqueeze(0), targets.unsqueeze(0), p=p).squeeze(0)
+    return torch.cdist(sources.unsqueeze(0), targets.unsqueeze(0), p=p).squeeze(0).double()
 
 
 def marginal(n: int, weights: Optional[Tensor] = None, like: Optional[Tensor] = None) -> Tensor:

@@ -17,7 +17,14 @@ from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import call_model, preserved_modes
-from lightning_intrafusion.fusion import channel_features, fuse_group, merge_matrices, output_variance_ratios
+from lightning_intrafusion.fusion import (
+    channel_correlation,
+    channel_features,
+    fuse_group,
+    gram,
+    merge_matrices,
+    output_variance_ratios,
+)
 from lightning_intrafusion.graph import (
     PrunableGroup,
     UnsupportedModelError,
@@ -243,9 +250,10 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
     features = channel_features(group.slices, group.folds, ("producer",))
     mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
                           features if config.preserve_norm else None)
-    fused = fuse_group(group.slices, group.folds, mats, channels)
+    similarity = gram(features)  # once per group: BN statistics and the variance estimate share it
+    fused = fuse_group(group.slices, group.folds, mats, channels, channel_correlation(similarity))
     if config.correct_variance:
-        ratios = output_variance_ratios(group.slices, features, mats["producer"], channels, fused)
+        ratios = output_variance_ratios(group.slices, similarity, mats["producer"], channels, fused)
         _correct_following_batchnorms(graph, group, ratios)
     _assign(group, fused)
     return int((transport.sum(0) > 0).sum().item()) - len(channels)

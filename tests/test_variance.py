@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion.datasets import digits_tensors
-from lightning_intrafusion.fusion import ChannelSlice, output_variance_ratios
+from lightning_intrafusion.fusion import ChannelSlice, gram, output_variance_ratios
 from lightning_intrafusion.models import SmallVGG
 
 
@@ -18,7 +18,7 @@ def test_ratio_is_the_kept_weight_energy_for_uncorrelated_channels():
     kept = torch.tensor([0, 2])
     identity = torch.zeros(2, 4, dtype=torch.float64)
     identity[0, 0] = identity[1, 2] = 1.0  # plain pruning: the kept channels stay as they are
-    ratios = output_variance_ratios([slice_], producer, identity, kept, {"next.weight": consumer})
+    ratios = output_variance_ratios([slice_], gram(producer), identity, kept, {"next.weight": consumer})
     assert torch.allclose(ratios["next.weight"], torch.tensor([1.0 / 9.0, 9.0 / 25.0]))
 
 
