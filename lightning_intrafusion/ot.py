@@ -56,7 +56,8 @@ class OTConfig:
             is bilinear in its query/key weights and passes through a softmax, so an averaged head computes
             neither head's attention unless the two are near-duplicates: a head is merged only into a
             kept head whose normalised query/key/value rows are within this absolute distance (0.5: cosine
-            similarity above 0.875), and dropped otherwise (partial OT on producer features). ``None`` merges heads like any channels.
+            similarity above 0.875), and dropped otherwise (partial OT on producer features). ``None``
+            merges heads like any channels.
         features: what describes a channel: ``"producer"`` (the weights that compute it; two channels
             with equal producer weights are interchangeable whatever their consumers do) or ``"all"``
             (producer rows and consumer columns concatenated, as in the paper).
