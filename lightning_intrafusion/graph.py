@@ -149,11 +149,13 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
     targets: Dict[str, Tuple[nn.Module, str]] = {}
     layers: List[Tuple[Any, str, torch.Tensor]] = []
 
+    head_dim = 0
     for item in tp_group:
         dep = item.dep
         node = dep.target
         module = node.module
         is_out = graph.is_out_channel_pruning_fn(dep.handler)
+        head_dim = head_dim or _attention_head_dim(node)
         if is_out and not node.outputs:
             protected = f"its channels are model outputs (produced by {names.get(module, node.name)})"
         if node.type in (_OPTYPE.CONCAT, _OPTYPE.SPLIT) and getattr(module, "offsets", None) is None:
@@ -228,13 +230,26 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
             bn_items.append((node, made))
 
     folds = _batchnorm_folds(bn_items, producer_weights)
+    unit = 1
+    if head_dim and width % head_dim == 0 and not any(isinstance(m, nn.MultiheadAttention) for m, _, _ in layers):
+        unit = head_dim  # query/key/value channels of attention heads: kept, removed and merged whole heads
     if width % blocks and unsupported is None:
         unsupported = f"its {width} channels cannot be split into {blocks} equal conv/norm groups"
     return PrunableGroup(
         root_name=names.get(root, "?"), width=width, slices=slices, folds=folds, producers=producers,
-        members=members, blocks=blocks, protected=protected, unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
+        members=members, blocks=blocks, unit=unit, protected=protected, unsupported=unsupported, targets=targets,
+        layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
+
+
+def _attention_head_dim(node: Any) -> int:
+    """The head size of a ``scaled_dot_product_attention`` call that the group's channels flow into
+    (its saved query is ``(..., heads, tokens, head_dim)``), or 0."""
+    grad_fn = getattr(node, "grad_fn", None)
+    name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else ""
+    query = getattr(grad_fn, "_saved_query", None) if "ScaledDotProduct" in name else None
+    return int(query.shape[-1]) if isinstance(query, torch.Tensor) and query.dim() >= 3 else 0
 
 
 def _has_stats(module: nn.Module) -> bool:

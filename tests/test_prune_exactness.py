@@ -47,6 +47,12 @@ CASES = {
         lambda: SmallTransformer(dim=32, heads=4, mlp=64),
         {"include": ["*.attn.q"], "channel_blocks": {"*.attn.q": 8}},
     ),
+    # the same without channel_blocks: the head size is read from the attention call
+    "transformer_heads_found": (
+        lambda: SmallTransformer(dim=32, heads=4, mlp=64),
+        {"include": ["*.attn.q"]},
+        {"*.attn.q": 8},
+    ),
 }
 
 
@@ -54,8 +60,8 @@ def _prepared(name):
     factory, kwargs, *dup_units = CASES[name]
     model = factory()
     randomize_batchnorm(model)
-    unit = next(iter(kwargs.get("channel_blocks", {}).values()), 1)
     units = dup_units[0] if dup_units else kwargs.get("channel_blocks")
+    unit = next(iter((kwargs.get("channel_blocks") or units or {}).values()), 1)
     duplicate_odd_units(model, IMAGES, include=kwargs.get("include"), units=units)
     return model.eval(), kwargs, unit
 

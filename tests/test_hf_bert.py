@@ -1,0 +1,51 @@
+"""A Hugging Face BERT (built from a small config, nothing downloaded): dict inputs, MLP neurons,
+whole attention heads found without being told the head size, and the residual stream."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import EvenUnitsFirst, duplicate_odd_units
+from lightning_intrafusion import OTConfig, prune
+
+transformers = pytest.importorskip("transformers")
+
+QUERY = "*.attention.self.query"
+
+
+def _bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32, attn_implementation="sdpa")
+    model = transformers.BertForSequenceClassification(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    return model, inputs
+
+
+def test_whole_model_prunes_and_keeps_running():
+    model, inputs = _bert()
+    shape = model(**inputs).logits.shape
+    report = prune(model, inputs, 0.5)
+    assert model(**inputs).logits.shape == shape
+    assert report.params_after < 0.5 * report.params_before
+    heads = [r for r in report.removals if r[0].endswith("attention.self.query") and r[1] == "out"]
+    assert len(heads) == 2
+    for _, _, removed in heads:  # whole heads of 16 channels, found from the attention call
+        assert len(removed) == 32
+        assert all(set(range(16 * h, 16 * h + 16)) <= set(removed) for h in {i // 16 for i in removed})
+    model.train()
+    model(**inputs, labels=torch.tensor([0, 1])).loss.backward()
+
+
+def test_fusing_duplicated_heads_preserves_outputs():
+    model, inputs = _bert()
+    duplicate_odd_units(model, inputs, include=[QUERY], units={QUERY: 16})
+    with torch.no_grad():
+        expected = model.bert(**inputs).last_hidden_state
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune(fused, inputs, 0.5, include=[QUERY], importance=EvenUnitsFirst(16), ot_config=OTConfig(features="producer"))
+    prune(plain, inputs, 0.5, include=[QUERY], importance=EvenUnitsFirst(16), method="default")
+    with torch.no_grad():
+        assert torch.allclose(fused.bert(**inputs).last_hidden_state, expected, atol=1e-5)
+        assert (plain.bert(**inputs).last_hidden_state - expected).abs().max() > 1e-2
