@@ -40,6 +40,7 @@ class PrunableGroup:
     members: List[str]
     blocks: int = 1
     unit: int = 1  # channels that are only kept or removed together (the head size of attention heads)
+    hidden_heads: bool = False  # channels meet in a batched matmul of activations: heads of unseen size
     protected: Optional[str] = None  # why the group must not be pruned, if it must not
     unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
     targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
@@ -149,13 +150,14 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
     targets: Dict[str, Tuple[nn.Module, str]] = {}
     layers: List[Tuple[Any, str, torch.Tensor]] = []
 
-    head_dim = 0
+    head_dim, hidden_heads = 0, False
     for item in tp_group:
         dep = item.dep
         node = dep.target
         module = node.module
         is_out = graph.is_out_channel_pruning_fn(dep.handler)
         head_dim = head_dim or _attention_head_dim(node)
+        hidden_heads = hidden_heads or _activation_matmul(node)
         if is_out and not node.outputs:
             protected = f"its channels are model outputs (produced by {names.get(module, node.name)})"
         if node.type in (_OPTYPE.CONCAT, _OPTYPE.SPLIT) and getattr(module, "offsets", None) is None:
@@ -231,13 +233,15 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
 
     folds = _batchnorm_folds(bn_items, producer_weights)
     unit = 1
-    if head_dim and width % head_dim == 0 and not any(isinstance(m, nn.MultiheadAttention) for m, _, _ in layers):
+    through_attention_layer = any(isinstance(m, nn.MultiheadAttention) for m, _, _ in layers)
+    if head_dim and width % head_dim == 0 and not through_attention_layer:
         unit = head_dim  # query/key/value channels of attention heads: kept, removed and merged whole heads
+    hidden_heads = hidden_heads and unit == 1 and not through_attention_layer
     if width % blocks and unsupported is None:
         unsupported = f"its {width} channels cannot be split into {blocks} equal conv/norm groups"
     return PrunableGroup(
         root_name=names.get(root, "?"), width=width, slices=slices, folds=folds, producers=producers,
-        members=members, blocks=blocks, unit=unit, protected=protected, unsupported=unsupported, targets=targets,
+        members=members, blocks=blocks, unit=unit, hidden_heads=hidden_heads, protected=protected, unsupported=unsupported, targets=targets,
         layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
@@ -250,6 +254,15 @@ def _attention_head_dim(node: Any) -> int:
     name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else ""
     query = getattr(grad_fn, "_saved_query", None) if "ScaledDotProduct" in name else None
     return int(query.shape[-1]) if isinstance(query, torch.Tensor) and query.dim() >= 3 else 0
+
+
+def _activation_matmul(node: Any) -> bool:
+    """A batched matrix product of two activations (attention scores or weighted values written out
+    with ``@``), as opposed to a layer applying its weights."""
+    grad_fn = getattr(node, "grad_fn", None)
+    if node.type != _OPTYPE.ELEMENTWISE or grad_fn is None or not grad_fn.name().startswith("BmmBackward"):
+        return False
+    return all(f is not None and "AccumulateGrad" not in f.name() for f, _ in grad_fn.next_functions)
 
 
 def _has_stats(module: nn.Module) -> bool:

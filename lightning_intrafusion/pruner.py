@@ -189,6 +189,13 @@ def _select_groups(
         if exclude and any(matches(m, exclude) for m in group.members):
             skipped[group.root_name] = "matched by exclude"
             continue
+        if group.hidden_heads and not any(matches(p, [g]) for g in channel_blocks for p in group.producers):
+            raise UnsupportedModelError(
+                f"cannot prune the channel group of {group.root_name!r}: its channels meet in a matrix product of "
+                "activations (attention written with explicit matmuls?), whose head size the graph cannot see. "
+                f"Pass channel_blocks={{{(group.producers or [group.root_name])[0]!r}: head_dim}} "
+                "to prune whole heads, or leave it out with exclude=[...]."
+            )
         if group.unsupported:
             raise UnsupportedModelError(
                 f"cannot prune the channel group of {group.root_name!r}: {group.unsupported}. "

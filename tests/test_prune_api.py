@@ -223,6 +223,40 @@ def test_packed_qkv_heads_are_refused_and_a_hidden_width_dependency_rolls_back()
     assert_same_state(before, state(model))
 
 
+class ExplicitMatmulAttention(nn.Module):
+    """Attention written out with ``@`` (no scaled_dot_product_attention): 4 heads of 8."""
+
+    def __init__(self, dim: int = 32, head_dim: int = 8) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.embed, self.head = nn.Linear(8, dim), nn.Linear(dim, 10)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        t = self.embed(x.reshape(-1, 8, 8))
+        b, n, _ = t.shape
+
+        def split(y):
+            return y.reshape(b, n, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.q(t)), split(self.k(t)), split(self.v(t))
+        a = ((q @ k.transpose(-2, -1)) / self.head_dim ** 0.5).softmax(-1) @ v
+        return self.head((t + self.o(a.transpose(1, 2).reshape(b, n, -1))).mean(1))
+
+
+def test_heads_of_explicit_matmul_attention_need_their_size():
+    model = ExplicitMatmulAttention()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match=r"matrix product of activations.*channel_blocks=\{'[qkv]': head_dim\}"):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+    report = prune(model, X, 0.5, channel_blocks={"q": 8})
+    removed = next(idx for name, side, idx in report.removals if name == "q" and side == "out")
+    heads = {i // 8 for i in removed}
+    assert len(heads) == 2 and set(removed) == {8 * h + j for h in heads for j in range(8)}  # two whole heads
+    assert model(X).shape == (8, 10)
+
+
 def test_solver_hitting_its_iteration_cap_is_detected_and_rolled_back():
     model = _resnet()
     before = state(model)
