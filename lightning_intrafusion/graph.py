@@ -187,18 +187,14 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
             unsupported = f"{name} ({type(module).__name__}) sees the group's channels unevenly (split/slice)"
             continue
         if isinstance(module, nn.MultiheadAttention):
-            # reads and writes the group's channels: input-projection columns, output-projection rows
             if not (isinstance(module, PrunableMultiheadAttention) or module._qkv_same_embed_dim):
                 unsupported = f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim"
                 continue
             layers.append((module, "embed", positions))
-            for owner, attr, dim, role, feature in ((module, "in_proj_weight", 1, "consumer", True),
-                                                    (module.out_proj, "weight", 0, "producer", True),
-                                                    (module.out_proj, "bias", 0, "producer", False)):
-                key = f"{name}.{attr}" if owner is module else f"{name}.out_proj.{attr}"
-                if getattr(owner, attr, None) is not None and key not in targets:
-                    slices.append(ChannelSlice(key, getattr(owner, attr), dim, positions, role, feature))
-                    targets[key] = (owner, attr)
+            for key, target, made_slice in _attention_embedding(name, module, positions):
+                if key not in targets:
+                    slices.append(made_slice)
+                    targets[key] = target
             continue
         spec = _tensor_specs(module, is_out)
         if spec is None:
@@ -241,10 +237,25 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         unsupported = f"its {width} channels cannot be split into {blocks} equal conv/norm groups"
     return PrunableGroup(
         root_name=names.get(root, "?"), width=width, slices=slices, folds=folds, producers=producers,
-        members=members, blocks=blocks, unit=unit, hidden_heads=hidden_heads, protected=protected, unsupported=unsupported, targets=targets,
-        layers=layers, tp_group=tp_group, root_module=root,
+        members=members, blocks=blocks, unit=unit, hidden_heads=hidden_heads, protected=protected,
+        unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
+
+
+def _attention_embedding(name: str, module: nn.MultiheadAttention,
+                         positions: torch.Tensor) -> List[Tuple[str, Tuple[nn.Module, str], ChannelSlice]]:
+    """The tensors of an attention layer that read and write the embedding channels of a group:
+    input-projection columns (consumer), output-projection rows and bias (producer)."""
+    out = []
+    for owner, attr, dim, role, feature in ((module, "in_proj_weight", 1, "consumer", True),
+                                            (module.out_proj, "weight", 0, "producer", True),
+                                            (module.out_proj, "bias", 0, "producer", False)):
+        tensor = getattr(owner, attr, None)
+        if tensor is not None:
+            key = f"{name}.{attr}" if owner is module else f"{name}.out_proj.{attr}"
+            out.append((key, (owner, attr), ChannelSlice(key, tensor, dim, positions, role, feature)))
+    return out
 
 
 def _attention_head_dim(node: Any) -> int:
