@@ -22,7 +22,9 @@ class PrunableMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` with a projection width (``num_heads * head_dim``) of its own.
 
     ``num_heads`` follows from the parameters, so removing the rows of whole heads is all a pruning
-    step needs to do. Key and value inputs must have ``embed_dim`` features (``kdim = vdim = embed_dim``).
+    step needs to do. The query/key/value projections are packed in ``in_proj_weight``, or, for keys
+    and values of other widths (``kdim``/``vdim``), held in ``q_proj_weight``/``k_proj_weight``/
+    ``v_proj_weight``, as in ``nn.MultiheadAttention``.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, head_dim: Optional[int] = None, dropout: float = 0.0,
@@ -46,8 +48,10 @@ class PrunableMultiheadAttention(nn.MultiheadAttention):
                 nn.init.xavier_normal_(extra)
 
     def _init_attributes(self, embed_dim: int, head_dim: int, dropout: float, batch_first: bool,
-                         add_zero_attn: bool) -> None:
-        self.embed_dim = self.kdim = self.vdim = embed_dim
+                         add_zero_attn: bool, kdim: Optional[int] = None, vdim: Optional[int] = None) -> None:
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
         self.head_dim = head_dim
         self.dropout = dropout
         self.batch_first = batch_first
@@ -58,24 +62,32 @@ class PrunableMultiheadAttention(nn.MultiheadAttention):
 
     @property
     def num_heads(self) -> int:  # type: ignore[override]
-        return self.in_proj_weight.shape[0] // (3 * self.head_dim)
+        return self.inner_dim // self.head_dim
 
     @property
     def inner_dim(self) -> int:
         """Width of the query/key/value projections, ``num_heads * head_dim``."""
-        return self.in_proj_weight.shape[0] // 3
+        return self.projections()[0].shape[0]
+
+    def projections(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """The query, key and value projection weights."""
+        if self.in_proj_weight is not None:
+            return tuple(self.in_proj_weight.chunk(3))  # type: ignore[return-value]
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> "PrunableMultiheadAttention":
         """The same layer, sharing ``module``'s parameter objects (so optimizers keep tracking them)."""
         if isinstance(module, cls):
             return module
-        if not module._qkv_same_embed_dim:
-            raise ValueError("heads of an nn.MultiheadAttention with kdim/vdim != embed_dim cannot be pruned")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new._init_attributes(module.embed_dim, module.head_dim, module.dropout, module.batch_first, module.add_zero_attn)
+        new._init_attributes(module.embed_dim, module.head_dim, module.dropout, module.batch_first, module.add_zero_attn,
+                             module.kdim, module.vdim)
         new.in_proj_weight = module.in_proj_weight
+        if not module._qkv_same_embed_dim:
+            new.q_proj_weight, new.k_proj_weight, new.v_proj_weight = (
+                module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
         new.in_proj_bias = module.in_proj_bias
         new.out_proj = module.out_proj
         new.bias_k = module.bias_k
@@ -94,7 +106,7 @@ class PrunableMultiheadAttention(nn.MultiheadAttention):
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         batch, tgt, _ = query.shape
         h, d = self.num_heads, self.head_dim
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        w_q, w_k, w_v = self.projections()
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
         q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
         mask = self._float_mask(attn_mask, key_padding_mask, batch, tgt, key.shape[1], q.dtype, is_causal)
@@ -151,19 +163,17 @@ def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
-def projection_positions(module: nn.MultiheadAttention) -> Tuple[int, Tensor]:
-    """The projection width and the ``(width, 3)`` rows of ``in_proj_weight`` (query, key, value)
-    that hold each projection channel."""
-    inner = module.in_proj_weight.shape[0] // 3
-    rows = torch.arange(inner)
-    return inner, torch.stack([rows, rows + inner, rows + 2 * inner], dim=1)
+def projection_width(module: nn.MultiheadAttention) -> int:
+    """Width of the query/key/value projections of an attention layer (``num_heads * head_dim``)."""
+    return module.inner_dim if isinstance(module, PrunableMultiheadAttention) else module.embed_dim
 
 
 # where each parameter of an attention layer holds the channels removed by each side: (dim, copies),
 # the copies being the query, key and value blocks of the packed input projection. "heads" removes
 # projection channels (whole heads), "embed" channels of the embedding the layer reads and writes.
 _LAYOUTS = {
-    "heads": {"in_proj_weight": (0, 3), "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)},
+    "heads": {"in_proj_weight": (0, 3), "q_proj_weight": (0, 1), "k_proj_weight": (0, 1), "v_proj_weight": (0, 1),
+              "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)},
     "embed": {"in_proj_weight": (1, 1), "out_proj.weight": (0, 1), "out_proj.bias": (0, 1)},
 }
 SIDES = tuple(_LAYOUTS)
@@ -192,7 +202,8 @@ def remove_channels(model: nn.Module, name: str, side: str, idxs: Sequence[int])
         # a new Parameter, not new .data: autograd remembers the shape of the old one
         setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
                                           requires_grad=param.requires_grad))
-    module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+    if side == "embed":  # packed projections only: keys and values have the embedding's width
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
     module.out_proj.in_features, module.out_proj.out_features = module.inner_dim, module.embed_dim
 
 

@@ -12,6 +12,7 @@ from typing import Any, List, Tuple
 import torch
 from torch import nn
 
+from lightning_intrafusion.attention import projection_width
 from lightning_intrafusion.execution import call_model, preserved_modes
 
 
@@ -27,7 +28,7 @@ def _batch_size(inputs: Any) -> int:
 
 def _attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> int:
     """Projections, scores, weighted values and output projection of one attention call."""
-    width = module.in_proj_weight.shape[0] // 3 if module.in_proj_weight is not None else module.embed_dim
+    width = projection_width(module)
     if query.dim() == 2:  # unbatched
         batch, seq = 1, 0
     else:

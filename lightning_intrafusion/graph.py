@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_intrafusion.attention import PrunableMultiheadAttention, projection_positions
+from lightning_intrafusion.attention import PrunableMultiheadAttention, projection_width
 from lightning_intrafusion.execution import preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion.surgery import is_grouped_conv, parameter_owner
@@ -111,28 +111,27 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
 def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
     """The projection channels of an attention layer, in units of whole heads: query, key and value
     rows produce them, the output projection's columns consume them."""
-    members = [name, f"{name}.out_proj"]
-    if not (isinstance(module, PrunableMultiheadAttention) or module._qkv_same_embed_dim):
-        return PrunableGroup(name, module.embed_dim, [], [], [name], members, unit=module.head_dim,
-                             unsupported=f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim")
-    width, rows = projection_positions(module)
-    columns = torch.arange(width)[:, None]
-    owners = {"in_proj_weight": module, "in_proj_bias": module, "bias_k": module, "bias_v": module,
-              "out_proj.weight": module.out_proj}
-    specs = [("in_proj_weight", 0, rows, "producer", True), ("in_proj_bias", 0, rows, "producer", False),
-             ("bias_k", 2, columns, "producer", False), ("bias_v", 2, columns, "producer", False),
-             ("out_proj.weight", 1, columns, "consumer", True)]
+    width = projection_width(module)
+    channels = torch.arange(width)
+    columns = channels[:, None]
+    packed = torch.stack([channels, channels + width, channels + 2 * width], dim=1)  # query, key, value rows
+    owners = {"in_proj_weight": module, "q_proj_weight": module, "k_proj_weight": module, "v_proj_weight": module,
+              "in_proj_bias": module, "bias_k": module, "bias_v": module, "out_proj.weight": module.out_proj}
+    specs = [("in_proj_weight", 0, packed, "producer", True), ("q_proj_weight", 0, columns, "producer", True),
+             ("k_proj_weight", 0, columns, "producer", True), ("v_proj_weight", 0, columns, "producer", True),
+             ("in_proj_bias", 0, packed, "producer", False), ("bias_k", 2, columns, "producer", False),
+             ("bias_v", 2, columns, "producer", False), ("out_proj.weight", 1, columns, "consumer", True)]
     slices, targets = [], {}
     for attr, dim, positions, role, feature in specs:
         owner, leaf = owners[attr], attr.rpartition(".")[2]
-        tensor = getattr(owner, leaf)
+        tensor = getattr(owner, leaf, None)
         if tensor is None:
             continue
         key = f"{name}.{attr}"
         slices.append(ChannelSlice(key, tensor, dim, positions, role, feature))
         targets[key] = (owner, leaf)
-    return PrunableGroup(name, width, slices, [], [name], members, unit=module.head_dim, targets=targets,
-                         layers=[(module, "heads", columns)], root_module=module)
+    return PrunableGroup(name, width, slices, [], [name], [name, f"{name}.out_proj"], unit=module.head_dim,
+                         targets=targets, layers=[(module, "heads", columns)], root_module=module)
 
 
 def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, str]) -> PrunableGroup:

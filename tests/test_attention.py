@@ -44,14 +44,15 @@ def _duplicate_odd_heads(model: nn.Module) -> None:
     """Head 2m+1 computes exactly what head 2m computes; its output-projection columns are scaled
     down so that magnitude importance keeps the even heads."""
     for mha in (m for m in model.modules() if isinstance(m, nn.MultiheadAttention)):
-        e, d = mha.embed_dim, mha.head_dim
+        d = mha.head_dim
+        projections = [mha.in_proj_weight[i * mha.embed_dim:(i + 1) * mha.embed_dim] for i in range(3)] \
+            if mha._qkv_same_embed_dim else [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]
+        biases = mha.in_proj_bias.view(3, -1)
         for head in range(1, mha.num_heads, 2):
             src, dst = slice((head - 1) * d, head * d), slice(head * d, (head + 1) * d)
-            for part in range(3):
-                rows_src = slice(part * e + src.start, part * e + src.stop)
-                rows_dst = slice(part * e + dst.start, part * e + dst.stop)
-                mha.in_proj_weight[rows_dst] = mha.in_proj_weight[rows_src]
-                mha.in_proj_bias[rows_dst] = mha.in_proj_bias[rows_src]
+            for weight, bias in zip(projections, biases):
+                weight[dst] = weight[src]
+                bias[dst] = bias[src]
             mha.out_proj.weight[:, dst] *= 0.5
 
 
@@ -167,23 +168,44 @@ def test_fusing_duplicated_channels_everywhere_preserves_outputs(name):
     fused(X).sum().backward()
 
 
-def test_attention_with_other_key_width_is_refused():
-    class CrossAttention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
-            self.query = nn.Linear(8, 16)
-            self.head = nn.Linear(16, 10)
+class CrossAttention(nn.Module):
+    """Queries from a projection of the rows, keys and values straight from the 8-pixel rows."""
 
-        def forward(self, x):
-            rows = x.reshape(-1, 8, 8)
-            return self.head(self.mha(self.query(rows), rows, rows, need_weights=False)[0].mean(1))
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+        self.query = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 10)
 
-    model = CrossAttention()
+    def forward(self, x):
+        rows = x.reshape(-1, 8, 8)
+        return self.head(self.mha(self.query(rows), rows, rows, need_weights=False)[0].mean(1))
+
+
+def test_heads_of_attention_with_other_key_width():
+    """Separate q/k/v projections (kdim/vdim != embed_dim): heads are pruned and fused exactly; the
+    embedding width such a layer reads is refused."""
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    converted = PrunableMultiheadAttention.from_torch(model.mha)
+    q = torch.randn(3, 5, 16)
+    kv = torch.randn(3, 7, 8)
+    assert torch.allclose(converted(q, kv, kv)[0], model.mha(q, kv, kv)[0], atol=1e-6)
     before = state(model)
     with pytest.raises(UnsupportedModelError, match="kdim/vdim"):
-        prune(model, X, 0.5, include=["mha"])
+        prune(model, X, 0.5)
     assert_same_state(before, state(model))
+
+    _duplicate_odd_heads(model)
+    with torch.no_grad():
+        expected = model(X)
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune(fused, X, 0.5, include=["mha"])
+    prune(plain, X, 0.5, include=["mha"], method="default")
+    assert fused.mha.num_heads == 1 and fused.mha.q_proj_weight.shape == (8, 16) and fused.mha.k_proj_weight.shape == (8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(X), expected, atol=1e-5)
+        assert (plain(X) - expected).abs().max() > 1e-2
 
 
 def test_custom_importance_on_heads_gets_a_clear_error():
