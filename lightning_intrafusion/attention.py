@@ -10,7 +10,7 @@ when, it removes heads from it; its state dict then loads into a converted fresh
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -168,55 +168,22 @@ def projection_width(module: nn.MultiheadAttention) -> int:
     return module.inner_dim if isinstance(module, PrunableMultiheadAttention) else module.embed_dim
 
 
-# where each parameter of an attention layer holds the channels removed by each side: (dim, copies),
-# the copies being the query, key and value blocks of the packed input projection. "heads" removes
-# projection channels (whole heads), "embed" channels of the embedding the layer reads and writes.
-_LAYOUTS = {
-    "heads": {"in_proj_weight": (0, 3), "q_proj_weight": (0, 1), "k_proj_weight": (0, 1), "v_proj_weight": (0, 1),
-              "in_proj_bias": (0, 3), "out_proj.weight": (1, 1), "bias_k": (2, 1), "bias_v": (2, 1)},
-    "embed": {"in_proj_weight": (1, 1), "out_proj.weight": (0, 1), "out_proj.bias": (0, 1)},
+# Where each parameter of an attention layer holds the channels of each side: (dim, copies, role),
+# the copies being the query, key and value blocks of the packed input projection. "heads": the
+# projection channels (whole heads); "embed": the embedding channels the layer reads and writes.
+# Graph description, removal and optimizer-state slicing all read this one table.
+LAYOUTS: Dict[str, Dict[str, Tuple[int, int, str]]] = {
+    "heads": {"in_proj_weight": (0, 3, "producer"), "q_proj_weight": (0, 1, "producer"),
+              "k_proj_weight": (0, 1, "producer"), "v_proj_weight": (0, 1, "producer"),
+              "in_proj_bias": (0, 3, "producer"), "bias_k": (2, 1, "producer"), "bias_v": (2, 1, "producer"),
+              "out_proj.weight": (1, 1, "consumer")},
+    "embed": {"in_proj_weight": (1, 1, "consumer"), "out_proj.weight": (0, 1, "producer"),
+              "out_proj.bias": (0, 1, "producer")},
 }
-SIDES = tuple(_LAYOUTS)
+SIDES = tuple(LAYOUTS)
 
 
-def remove_channels(model: nn.Module, name: str, side: str, idxs: Sequence[int]) -> None:
-    """Remove projection channels (``side="heads"``: whole heads) or embedding channels
-    (``side="embed"``) ``idxs`` from attention layer ``name``, converting a ``nn.MultiheadAttention``
-    to :class:`PrunableMultiheadAttention` first."""
-    module = model.get_submodule(name)
-    if not isinstance(module, nn.MultiheadAttention):
-        raise ValueError(f"pruning history names {name!r} as an attention layer, but it is a {type(module).__name__}")
-    if not isinstance(module, PrunableMultiheadAttention):
-        module = PrunableMultiheadAttention.from_torch(module)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, module)
-    width = module.inner_dim if side == "heads" else module.embed_dim
-    if len(set(idxs)) >= width or (side == "heads" and len(idxs) % module.head_dim):
-        raise ValueError(f"cannot remove {len(idxs)} {side} channels from {name!r} (width {width}, head_dim {module.head_dim})")
-    for attr in _LAYOUTS[side]:
-        owner, leaf = (module.out_proj, attr[9:]) if attr.startswith("out_proj.") else (module, attr)
-        param = getattr(owner, leaf)
-        if param is None:
-            continue
-        dim, keep = surviving_indices(attr, param.shape, idxs, side)
-        # a new Parameter, not new .data: autograd remembers the shape of the old one
-        setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
-                                          requires_grad=param.requires_grad))
-    if side == "embed":  # packed projections only: keys and values have the embedding's width
-        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
-    module.out_proj.in_features, module.out_proj.out_features = module.inner_dim, module.embed_dim
-
-
-def surviving_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],
-                      side: str = "heads") -> Optional[Tuple[int, Tensor]]:
-    """For parameter ``attr`` (e.g. ``"in_proj_weight"``, ``"out_proj.weight"``) of an attention layer,
-    of shape ``old_shape`` before the ``side`` channels ``idxs`` were removed: (dim, surviving
-    indices), or None if ``attr`` holds no such channels."""
-    if attr not in _LAYOUTS[side]:
-        return None
-    dim, copies = _LAYOUTS[side][attr]
-    width = old_shape[dim] // copies
-    survives = torch.ones(width, dtype=torch.bool)
-    survives[torch.as_tensor(list(idxs), dtype=torch.long)] = False
-    keep = survives.nonzero().flatten()
-    return dim, torch.cat([keep + c * width for c in range(copies)])
+def parameter_slot(module: nn.MultiheadAttention, attr: str) -> Tuple[nn.Module, str]:
+    """The module and attribute holding ``attr`` (``"out_proj.weight"`` lives on ``module.out_proj``)."""
+    owner, _, leaf = attr.rpartition(".")
+    return (module.out_proj if owner else module), leaf

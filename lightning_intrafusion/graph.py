@@ -10,13 +10,14 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_intrafusion.attention import PrunableMultiheadAttention, projection_width
+from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
+from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
 from lightning_intrafusion.execution import preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion.surgery import is_grouped_conv, parameter_owner
@@ -113,25 +114,27 @@ def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
     rows produce them, the output projection's columns consume them."""
     width = projection_width(module)
     channels = torch.arange(width)
-    columns = channels[:, None]
-    packed = torch.stack([channels, channels + width, channels + 2 * width], dim=1)  # query, key, value rows
-    owners = {"in_proj_weight": module, "q_proj_weight": module, "k_proj_weight": module, "v_proj_weight": module,
-              "in_proj_bias": module, "bias_k": module, "bias_v": module, "out_proj.weight": module.out_proj}
-    specs = [("in_proj_weight", 0, packed, "producer", True), ("q_proj_weight", 0, columns, "producer", True),
-             ("k_proj_weight", 0, columns, "producer", True), ("v_proj_weight", 0, columns, "producer", True),
-             ("in_proj_bias", 0, packed, "producer", False), ("bias_k", 2, columns, "producer", False),
-             ("bias_v", 2, columns, "producer", False), ("out_proj.weight", 1, columns, "consumer", True)]
+    positions = {copies: torch.stack([channels + c * width for c in range(copies)], dim=1) for copies in (1, 3)}
     slices, targets = [], {}
-    for attr, dim, positions, role, feature in specs:
-        owner, leaf = owners[attr], attr.rpartition(".")[2]
-        tensor = getattr(owner, leaf, None)
-        if tensor is None:
-            continue
-        key = f"{name}.{attr}"
-        slices.append(ChannelSlice(key, tensor, dim, positions, role, feature))
-        targets[key] = (owner, leaf)
+    for key, target, made in _attention_slices(name, module, "heads", lambda copies: positions[copies]):
+        slices.append(made)
+        targets[key] = target
     return PrunableGroup(name, width, slices, [], [name], [name, f"{name}.out_proj"], unit=module.head_dim,
-                         targets=targets, layers=[(module, "heads", columns)], root_module=module)
+                         targets=targets, layers=[(module, "heads", positions[1])], root_module=module)
+
+
+def _attention_slices(name: str, module: nn.MultiheadAttention, side: str,
+                      positions: Callable[[int], torch.Tensor]) -> List[Tuple[str, Tuple[nn.Module, str], ChannelSlice]]:
+    """(key, (owner, attribute), slice) of every tensor of an attention layer holding the channels of
+    ``side`` (see :data:`~lightning_intrafusion.attention.LAYOUTS`); ``positions(copies)`` places them."""
+    out = []
+    for attr, (dim, copies, role) in ATTENTION_LAYOUTS[side].items():
+        owner, leaf = parameter_slot(module, attr)
+        tensor = getattr(owner, leaf, None)
+        if tensor is not None:
+            key = f"{name}.{attr}"
+            out.append((key, (owner, leaf), ChannelSlice(key, tensor, dim, positions(copies), role, attr.endswith("weight"))))
+    return out
 
 
 def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, str]) -> PrunableGroup:
@@ -190,7 +193,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
                 unsupported = f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim"
                 continue
             layers.append((module, "embed", positions))
-            for key, target, made_slice in _attention_embedding(name, module, positions):
+            for key, target, made_slice in _attention_slices(name, module, "embed", lambda copies: positions):
                 if key not in targets:
                     slices.append(made_slice)
                     targets[key] = target
@@ -240,21 +243,6 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
-
-
-def _attention_embedding(name: str, module: nn.MultiheadAttention,
-                         positions: torch.Tensor) -> List[Tuple[str, Tuple[nn.Module, str], ChannelSlice]]:
-    """The tensors of an attention layer that read and write the embedding channels of a group:
-    input-projection columns (consumer), output-projection rows and bias (producer)."""
-    out = []
-    for owner, attr, dim, role, feature in ((module, "in_proj_weight", 1, "consumer", True),
-                                            (module.out_proj, "weight", 0, "producer", True),
-                                            (module.out_proj, "bias", 0, "producer", False)):
-        tensor = getattr(owner, attr, None)
-        if tensor is not None:
-            key = f"{name}.{attr}" if owner is module else f"{name}.out_proj.{attr}"
-            out.append((key, (owner, attr), ChannelSlice(key, tensor, dim, positions, role, feature)))
-    return out
 
 
 def _attention_head_dim(node: Any) -> int:

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
-from lightning_intrafusion.attention import surviving_indices
-from lightning_intrafusion.surgery import complement, is_grouped_conv, select_grouped_inputs
+from lightning_intrafusion.surgery import complement, is_grouped_conv, select_grouped_inputs, surviving_attention_indices
 
 
 def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
@@ -98,7 +97,7 @@ def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tupl
     kept: Dict[int, Tensor] = {}
     for module_name, side, idxs in removals:
         if side in ATTENTION_SIDES and name.startswith(module_name + "."):
-            found = surviving_indices(name[len(module_name) + 1:], old_shape, idxs, side)
+            found = surviving_attention_indices(name[len(module_name) + 1:], old_shape, idxs, side)
             if found is not None:
                 kept[found[0]] = found[1]
     return kept or None

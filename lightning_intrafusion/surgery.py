@@ -9,14 +9,15 @@ class rebuilds the pruned shapes (so ``load_state_dict`` works on pruned checkpo
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
-from lightning_intrafusion.attention import remove_channels as remove_attention_channels
+from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot
 
 # (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), or (attention layer name,
 # "heads" | "embed", projection or embedding channels)
@@ -66,6 +67,47 @@ def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
             _prune_grouped_conv_inputs(module, idxs)
             continue
         pruning_function(module, side)(module, list(idxs))
+
+
+def remove_attention_channels(model: nn.Module, name: str, side: str, idxs: Sequence[int]) -> None:
+    """Remove projection channels (``side="heads"``: whole heads) or embedding channels
+    (``side="embed"``) ``idxs`` from attention layer ``name``, converting a ``nn.MultiheadAttention``
+    to :class:`~lightning_intrafusion.attention.PrunableMultiheadAttention` first."""
+    module = model.get_submodule(name)
+    if not isinstance(module, nn.MultiheadAttention):
+        raise ValueError(f"pruning history names {name!r} as an attention layer, but it is a {type(module).__name__}")
+    if not isinstance(module, PrunableMultiheadAttention):
+        module = PrunableMultiheadAttention.from_torch(module)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
+    width = module.inner_dim if side == "heads" else module.embed_dim
+    if len(set(idxs)) >= width or (side == "heads" and len(idxs) % module.head_dim):
+        raise ValueError(f"cannot remove {len(idxs)} {side} channels from {name!r} (width {width}, head_dim {module.head_dim})")
+    for attr in ATTENTION_LAYOUTS[side]:
+        owner, leaf = parameter_slot(module, attr)
+        param = getattr(owner, leaf)
+        if param is None:
+            continue
+        dim, keep = surviving_attention_indices(attr, param.shape, idxs, side)
+        # a new Parameter, not new .data: autograd remembers the shape of the old one
+        setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
+                                          requires_grad=param.requires_grad))
+    if side == "embed":  # packed projections only: keys and values have the embedding's width
+        module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
+    module.out_proj.in_features, module.out_proj.out_features = module.inner_dim, module.embed_dim
+
+
+def surviving_attention_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],
+                                side: str = "heads") -> Optional[Tuple[int, torch.Tensor]]:
+    """For parameter ``attr`` (e.g. ``"in_proj_weight"``, ``"out_proj.weight"``) of an attention layer,
+    of shape ``old_shape`` before the ``side`` channels ``idxs`` were removed: (dim, surviving
+    indices), or None if ``attr`` holds no such channels."""
+    if attr not in ATTENTION_LAYOUTS[side]:
+        return None
+    dim, copies, _ = ATTENTION_LAYOUTS[side][attr]
+    width = old_shape[dim] // copies
+    keep = torch.tensor(complement(width, idxs), dtype=torch.long)
+    return dim, torch.cat([keep + c * width for c in range(copies)])
 
 
 def is_grouped_conv(module: nn.Module) -> bool:
