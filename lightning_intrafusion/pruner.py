@@ -252,9 +252,9 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
           config: OTConfig) -> int:
     """Merge all channels of ``group`` into the kept ones along an OT plan (values only; shapes are
     unchanged until the removal). Returns how many removed channels were merged somewhere."""
-    transport = _expand_units(_transport(group, scores, kept, unit, config), unit)
-    channels = _expand_index(kept, unit)
     features = channel_features(group.slices, group.folds, ("producer",))
+    transport = _expand_units(_transport(group, scores, kept, unit, config, features), unit)
+    channels = _expand_index(kept, unit)
     mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
                           features if config.preserve_norm else None)
     similarity = gram(features)  # once per group: BN statistics and the variance estimate share it
@@ -302,10 +302,12 @@ def _choose_kept(scores: Tensor, keep: int, blocks: int, unit: int) -> Tensor:
     return torch.cat(kept)
 
 
-def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:
+def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig,
+               producer_features: Tensor) -> Tensor:
     """Block-diagonal transport map (kept units x all units) of the whole group."""
-    roles = ("producer",) if config.features == "producer" else ("producer", "consumer")
-    features = channel_features(group.slices, group.folds, roles)
+    features = producer_features
+    if config.features == "all":
+        features = channel_features(group.slices, group.folds, ("producer", "consumer"))
     if config.solver == "emd":  # network simplex runs on the CPU; Sinkhorn stays on the weights' device
         features = features.cpu()
     features = features.reshape(-1, unit * features.shape[1])
