@@ -111,6 +111,7 @@ class IntraFusionCallback(Callback):
         self.records: List[Dict[str, float]] = []
         self._recent: Deque[Any] = deque(maxlen=max(1, self.recalibrate_batches))
         self._hook = None
+        self._metric: Optional[Metric] = None  # top-1 accuracy, sized on the first validation batch
         self.tracker = PruningTracker(self.settings())
 
     def settings(self) -> Dict[str, Any]:
@@ -273,7 +274,7 @@ class IntraFusionCallback(Callback):
         return evaluate(module, loader, metric, self._limit(trainer, loader), self.split, device=_device(module))
 
     def _default_metric(self, module: nn.Module, loader) -> Metric:
-        if getattr(self, "_metric", None) is None:
+        if self._metric is None:
             x, _ = self.split(next(iter(loader)))
             with preserved_modes(module), torch.no_grad():
                 one = x[:1] if isinstance(x, torch.Tensor) else x
