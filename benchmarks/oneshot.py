@@ -3,6 +3,7 @@
 
     python benchmarks/oneshot.py            # full table (trains and caches 5 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost for our defaults
+    python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ MODELS = {
         lambda: SmallTransformer(dim=64, heads=4, mlp=128, attention="torch"),
         {"include": ["*.fc1", "*.attn"]},
     ),
+}
+
+
+# --parts: the transformers' two kinds of groups pruned on their own (same trained models)
+PARTS = {
+    "transformer": {"MLP only": {"include": ["*.fc1"]},
+                    "heads only": {"include": ["*.attn.q"], "channel_blocks": {"*.attn.q": 16}}},
+    "transformer (nn.MHA)": {"MLP only": {"include": ["*.fc1"]}, "heads only": {"include": ["*.attn"]}},
 }
 
 
@@ -86,13 +95,13 @@ def variants(max_cost: float, has_batchnorm: bool):
     return out
 
 
-def run_cell(model, name, sparsity, extra, train_set, test_set, calibrate):
+def run_cell(model, name, sparsity, extra, train_set, test_set, calibrate, scope=None):
     pruned = copy.deepcopy(model)
     x = test_set.tensors[0][:8]
     calib = None
     if calibrate:
         calib = [b[0] for b in DataLoader(train_set, batch_size=64, shuffle=False)][:8]
-    report = prune(pruned, x, sparsity, calibration_data=calib, **MODELS[name][1], **extra)
+    report = prune(pruned, x, sparsity, calibration_data=calib, **(MODELS[name][1] if scope is None else scope), **extra)
     return accuracy(pruned, test_set), report
 
 
@@ -105,6 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5, help="independently trained models per architecture")
     parser.add_argument("--sweep", action="store_true", help="sweep max_cost of our defaults")
+    parser.add_argument("--parts", action="store_true", help="also prune the transformers' MLP neurons and heads separately")
     parser.add_argument("--max-cost", type=float, default=OTConfig().max_cost)
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
@@ -116,7 +126,7 @@ def main() -> None:
           f"{len(test_set)} test; accuracy: mean ±std over {args.seeds} models trained from different seeds\n")
     print("| model | sparsity | method | acc | acc +BN recal | params | MACs | seconds |")
     print("|---|---|---|---|---|---|---|---|")
-    means = {}
+    results = {}  # (name, sparsity, label) -> [per-model accuracies without data, with BN recal]
     for name in MODELS:
         models = [trained(name, train_set, seed) for seed in seeds]
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
@@ -126,11 +136,11 @@ def main() -> None:
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 accs, report = [a for a, _ in runs], runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
-                means[name, s, label] = [sum(accs) / len(accs)]
+                results[name, s, label] = [accs]
                 recal = "n/a (no BatchNorm)"
                 if has_batchnorm:
                     calibrated = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
-                    means[name, s, label].append(sum(calibrated) / len(calibrated))
+                    results[name, s, label].append(calibrated)
                     recal = mean_std(calibrated)
                 print(f"| {name} | {s:.0%} | {label} | {mean_std(accs)} | {recal} | "
                       f"{report.params_after:,} | {report.macs_after:,} | {seconds:.3f} |")
@@ -141,27 +151,65 @@ def main() -> None:
                     accs = [run_cell(m, name, s, dict(ot_config=OTConfig(max_cost=mc)), train_set, test_set, False)[0] for m in models]
                     cells.append(f"{mc}:{sum(accs) / len(accs):.1f}")
                 print(f"| sweep max_cost {name} {s:.0%} | " + " ".join(cells) + " |")
-    summarize(means)
+    summarize(results)
+    if args.parts:
+        parts(train_set, test_set, seeds, args.max_cost)
     if not args.no_timing:
         timing()
 
 
-def summarize(means) -> None:
+def _paired(ours, theirs) -> str:
+    """Mean of the per-model differences, its standard error, and on how many models ours >= theirs."""
+    d = torch.tensor(ours, dtype=torch.float64) - torch.tensor(theirs, dtype=torch.float64)
+    se = d.std() / len(d) ** 0.5 if len(d) > 1 else torch.tensor(0.0)
+    return f"{d.mean():+.1f} ±{se:.1f} ({int((d >= 0).sum())}/{len(d)})"
+
+
+def summarize(results) -> None:
     """How often (cells x {without, with recalibration}, on mean accuracy) our defaults match or beat
-    plain pruning and the paper preset."""
-    cells = [(name, s) for name, s, label in means if label == "default"]
-    total = sum(len(means[name, s, "default"]) for name, s in cells)
+    plain pruning and the paper preset, and the paired per-model differences behind each cell."""
+    cells = [(name, s) for name, s, label in results if label == "default"]
+    total = sum(len(results[name, s, "default"]) for name, s in cells)
     print()
     for rival in ("default", "if-paper"):
         wins, losses = 0, []
         for name, s in cells:
-            for column, tag in list(enumerate(("", " +recal")))[:len(means[name, s, "default"])]:
-                ours, theirs = means[name, s, "if-ours"][column], means[name, s, rival][column]
+            for column, tag in list(enumerate(("", " +recal")))[:len(results[name, s, "default"])]:
+                ours, theirs = (sum(a) / len(a) for a in (results[name, s, "if-ours"][column], results[name, s, rival][column]))
                 if ours >= theirs:
                     wins += 1
                 else:
                     losses.append(f"{name} {s:.0%}{tag} ({ours:.1f} vs {theirs:.1f})")
         print(f"if-ours >= {rival}: {wins}/{total} cells" + (f"; below: {', '.join(losses)}" if losses else ""))
+    print("\nPaired differences, if-ours minus rival on the same trained model: mean ±standard error "
+          "(models where if-ours >= rival)\n")
+    print("| model | sparsity | vs default | vs if-paper | vs default +BN recal | vs if-paper +BN recal |")
+    print("|---|---|---|---|---|---|")
+    for name, s in cells:
+        columns = []
+        for column in range(2):
+            for rival in ("default", "if-paper"):
+                if column < len(results[name, s, "default"]):
+                    columns.append(_paired(results[name, s, "if-ours"][column], results[name, s, rival][column]))
+                else:
+                    columns.append("")
+        print(f"| {name} | {s:.0%} | " + " | ".join(columns) + " |")
+
+
+def parts(train_set, test_set, seeds, max_cost: float) -> None:
+    """The transformers' MLP neurons and attention heads pruned separately: which kind of group
+    moves accuracy, and how fusion does on each."""
+    print("\nTransformers, each kind of group pruned on its own (mean ±std over the same models)\n")
+    print("| model | groups | sparsity | default | if-paper | if-ours | if-ours - default (paired) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, scopes in PARTS.items():
+        models = [trained(name, train_set, seed) for seed in seeds]
+        for scope_name, scope in scopes.items():
+            for s in SPARSITIES:
+                accs = {label: [run_cell(m, name, s, extra, train_set, test_set, False, scope)[0] for m in models]
+                        for label, extra in variants(max_cost, False).items()}
+                print(f"| {name} | {scope_name} | {s:.0%} | {mean_std(accs['default'])} | {mean_std(accs['if-paper'])} | "
+                      f"{mean_std(accs['if-ours'])} | {_paired(accs['if-ours'], accs['default'])} |")
 
 
 def timing(repeats: int = 3) -> None:
