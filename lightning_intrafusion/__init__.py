@@ -1,6 +1,7 @@
 """Intra-Fusion structured pruning for PyTorch and PyTorch Lightning."""
 
 from lightning_intrafusion.attention import PrunableMultiheadAttention
+from lightning_intrafusion.calibration import BatchNormDrift, batchnorm_drift, recalibrate_batchnorm
 from lightning_intrafusion.callback import IntraFusionCallback
 from lightning_intrafusion.checkpoint import prune_checkpoint, restore_pruned
 from lightning_intrafusion.cost import count_macs_and_params
@@ -39,4 +40,7 @@ __all__ = [
     "UnsupportedModelError",
     "count_macs_and_params",
     "prune",
+    "BatchNormDrift",
+    "batchnorm_drift",
+    "recalibrate_batchnorm",
 ]

@@ -1,9 +1,11 @@
 """Data-aware repair after pruning: re-estimate normalisation statistics on a few batches
-(adaptive BN, Li et al., ECCV 2020). Forward passes only; no weight is trained."""
+(adaptive BN, Li et al., ECCV 2020), and measure how far they are off before deciding to.
+Forward passes only; no weight is trained."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 from torch import nn
@@ -43,3 +45,85 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
     if used == 0:
         raise ValueError("calibration_data yielded no batch")
     return used
+
+
+@dataclass
+class BatchNormDrift:
+    """How the inputs one BatchNorm sees in eval mode differ from its running statistics, per channel.
+
+    Attributes:
+        variance_ratio: input variance / ``running_var`` (1: the BN normalises correctly; below 1 it
+            under-normalises, so its output shrinks).
+        mean_shift: ``(input mean - running_mean) / sqrt(running_var + eps)``.
+        output_variance: variance of the BN's eval-mode output (the signal the next layer gets).
+    """
+
+    variance_ratio: torch.Tensor
+    mean_shift: torch.Tensor
+    output_variance: torch.Tensor
+
+
+@torch.no_grad()
+def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int] = None) -> Dict[str, BatchNormDrift]:
+    """Run ``model`` in eval mode on ``batches`` and compare every BatchNorm's input statistics with its
+    running statistics (nothing is modified; modes are restored). Keyed by module name, in model order.
+    After a data-free pruning step this shows whether re-estimating the statistics
+    (:func:`recalibrate_batchnorm`) is worth it."""
+    norms = {name: m for name, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    inputs_seen: Dict[str, _Moments] = {name: _Moments() for name in norms}
+    outputs_seen: Dict[str, _Moments] = {name: _Moments() for name in norms}
+
+    def record(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            inputs_seen[name].add(inputs[0])
+            outputs_seen[name].add(output)
+        return hook
+
+    hooks = [m.register_forward_hook(record(name)) for name, m in norms.items()]
+    used = 0
+    try:
+        with preserved_modes(model):
+            model.eval()
+            for batch in batches:
+                if max_batches is not None and used >= max_batches:
+                    break
+                call_model(model, batch)
+                used += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if used == 0:
+        raise ValueError("batches yielded no batch")
+    drift = {}
+    for name, m in norms.items():
+        if inputs_seen[name].count < 2:
+            continue  # a BN the batches never reached
+        mean, var = inputs_seen[name].mean_and_variance()
+        running_var = m.running_var.double()
+        drift[name] = BatchNormDrift(
+            variance_ratio=(var / running_var.clamp_min(1e-12)).float(),
+            mean_shift=((mean - m.running_mean.double()) / (running_var + m.eps).sqrt()).float(),
+            output_variance=outputs_seen[name].mean_and_variance()[1].float(),
+        )
+    return drift
+
+
+class _Moments:
+    """Running per-channel sums of a stream of ``(N, C, ...)`` tensors, in double precision."""
+
+    def __init__(self) -> None:
+        self.total: Any = 0.0
+        self.squares: Any = 0.0
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        self.total = self.total + x.sum(1)
+        self.squares = self.squares + x.pow(2).sum(1)
+        self.count += x.shape[1]
+
+    def mean_and_variance(self) -> tuple:
+        """Per-channel mean and unbiased variance (as BatchNorm's running variance)."""
+        mean = self.total / self.count
+        return mean, (self.squares - self.count * mean.pow(2)) / (self.count - 1)
