@@ -148,10 +148,11 @@ class BatchNormFold:
 
 
 def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consumer_merge: str,
-                   producer_features: Optional[Tensor] = None) -> Dict[Role, Tensor]:
+                   producer_gram: Optional[Tensor] = None) -> Dict[Role, Tensor]:
     """Turn a transport map ``T`` (k x n, columns sum to <= 1) into the matrices applied to producer
     and consumer tensors. A kept channel that received nothing keeps its own values. With
-    ``producer_features`` (n x d) the producer rows are rescaled to keep the mean norm of what they merge."""
+    ``producer_gram`` (the n x n Gram matrix of the producer features, see :func:`gram`) the producer
+    rows are rescaled to keep the mean norm of what they merge."""
     t = transport.to(torch.float64)
     k, n = t.shape
     identity = torch.zeros_like(t)
@@ -165,12 +166,13 @@ def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consume
         return t / t.sum(1, keepdim=True)
 
     producer = _as(producer_merge)
-    if producer_features is not None:
-        f = producer_features.to(producer)
-        norms = f.norm(dim=1)
+    if producer_gram is not None:
+        g = producer_gram.to(producer)
+        norms = g.diagonal().clamp_min(0).sqrt()
         shares = t / t.sum(1, keepdim=True)
         wanted = shares @ norms
-        got = (producer @ f).norm(dim=1) / producer.sum(1).abs().clamp_min(1e-12)
+        # ||P F|| row by row from the Gram matrix: P G P^T's diagonal, without touching the wide features
+        got = ((producer @ g) * producer).sum(1).clamp_min(0).sqrt() / producer.sum(1).abs().clamp_min(1e-12)
         ratio = torch.where(got > 1e-12, wanted / got.clamp_min(1e-12), torch.ones_like(got))
         producer = producer * ratio[:, None]
     return {"producer": producer, "consumer": _as(consumer_merge)}

@@ -255,9 +255,9 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
     features = channel_features(group.slices, group.folds, ("producer",))
     transport = _expand_units(_transport(group, scores, kept, unit, config, features), unit)
     channels = _expand_index(kept, unit)
+    similarity = gram(features)  # once per group: norm preservation, BN statistics and the variance estimate share it
     mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
-                          features if config.preserve_norm else None)
-    similarity = gram(features)  # once per group: BN statistics and the variance estimate share it
+                          similarity if config.preserve_norm else None)
     fused = fuse_group(group.slices, group.folds, mats, channels, channel_correlation(similarity))
     if config.correct_variance:
         ratios = output_variance_ratios(group.slices, similarity, mats["producer"], channels, fused)
