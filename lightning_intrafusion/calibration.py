@@ -17,34 +17,33 @@ from lightning_intrafusion.execution import call_model, preserved_modes
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int] = None) -> int:
     """Reset every BatchNorm's running statistics and re-estimate them as the exact average over
     ``batches``. Only BN layers are switched to train mode; the rest of the model (dropout, ...) runs in
-    eval mode, and every module's mode is restored afterwards. Returns the number of batches used."""
+    eval mode, and every module's mode is restored afterwards. Returns the number of batches used.
+    On any error (no batch, a batch the model rejects) the old statistics are put back."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
     momenta = {m: m.momentum for m in norms}
-    used = 0
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    old = {m: {name: getattr(m, name) for name in names if getattr(m, name, None) is not None} for m in norms}
     with preserved_modes(model):
         try:
             model.eval()
             for m in norms:
-                # fresh buffers: the old ones stay untouched for a caller that wants to roll back
-                for name in ("running_mean", "running_var", "num_batches_tracked"):
-                    if getattr(m, name, None) is not None:
-                        setattr(m, name, getattr(m, name).clone())
+                # fresh buffers: the old ones stay untouched, for the rollback here or a caller's
+                for name, value in old[m].items():
+                    setattr(m, name, value.clone())
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average = exact mean over the batches
                 m.train()
-            for batch in batches:
-                if max_batches is not None and used >= max_batches:
-                    break
-                call_model(model, batch)
-                used += 1
+            return _run(model, batches, max_batches, "calibration_data")
+        except BaseException:
+            for m, buffers in old.items():
+                for name, value in buffers.items():
+                    setattr(m, name, value)
+            raise
         finally:
             for m, momentum in momenta.items():
                 m.momentum = momentum
-    if used == 0:
-        raise ValueError("calibration_data yielded no batch")
-    return used
 
 
 @dataclass
@@ -81,20 +80,12 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
         return hook
 
     hooks = [m.register_forward_hook(record(name)) for name, m in norms.items()]
-    used = 0
     try:
         with preserved_modes(model):
-            model.eval()
-            for batch in batches:
-                if max_batches is not None and used >= max_batches:
-                    break
-                call_model(model, batch)
-                used += 1
+            _run(model.eval(), batches, max_batches, "batches")
     finally:
         for h in hooks:
             h.remove()
-    if used == 0:
-        raise ValueError("batches yielded no batch")
     drift = {}
     for name, m in norms.items():
         if inputs_seen[name].count < 2:
@@ -107,6 +98,19 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
             output_variance=outputs_seen[name].mean_and_variance()[1].float(),
         )
     return drift
+
+
+def _run(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], label: str) -> int:
+    """Forward passes over at most ``max_batches`` of ``batches``; returns how many ran."""
+    used = 0
+    for batch in batches:
+        if max_batches is not None and used >= max_batches:
+            break
+        call_model(model, batch)
+        used += 1
+    if used == 0:
+        raise ValueError(f"{label} yielded no batch")
+    return used
 
 
 class _Moments:

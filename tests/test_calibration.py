@@ -68,3 +68,13 @@ def test_output_variance_is_what_the_next_layer_receives():
     with torch.no_grad():
         out = model.features[0][1](model.features[0][0](BATCH))
     assert torch.allclose(drift.output_variance, out.transpose(0, 1).flatten(1).var(1), rtol=1e-4)
+
+
+@pytest.mark.parametrize("batches", [[], [torch.randn(4, 3, 8, 8)]], ids=["no batch", "rejected batch"])
+def test_failed_recalibration_leaves_the_statistics_as_they_were(batches):
+    model = _vgg()
+    recalibrate_batchnorm(model, [BATCH])
+    snapshot = state(model)
+    with pytest.raises((ValueError, RuntimeError)):
+        recalibrate_batchnorm(model, batches)
+    assert_same_state(state(model), snapshot)
