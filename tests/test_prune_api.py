@@ -10,7 +10,7 @@ from helpers import assert_same_state, randomize_batchnorm, state
 from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
-from lightning_intrafusion.models import MLP, MixedOpsNet, SmallResNet, SmallTransformer, SmallVGG
+from lightning_intrafusion.models import MLP, MixedOpsNet, SmallMobileNet, SmallResNet, SmallTransformer, SmallVGG
 from lightning_intrafusion.surgery import replay_history
 
 X = torch.randn(8, 1, 8, 8)
@@ -22,7 +22,7 @@ def _resnet():
     return model
 
 
-@pytest.mark.parametrize("factory", [_resnet, lambda: SmallVGG(8), MixedOpsNet, MLP])
+@pytest.mark.parametrize("factory", [_resnet, lambda: SmallVGG(8), MixedOpsNet, MLP, lambda: SmallMobileNet(se=True)])
 def test_pruned_model_is_consistent_and_runs_in_both_modes(factory):
     model = factory()
     out_shape = model(X).shape
@@ -122,7 +122,7 @@ def test_calibration_reestimates_batchnorm_statistics():
     assert model.training  # modes restored
 
 
-@pytest.mark.parametrize("factory", [_resnet, GroupedConvNet])
+@pytest.mark.parametrize("factory", [_resnet, GroupedConvNet, lambda: SmallMobileNet(se=True)])
 def test_pruned_state_dict_loads_into_fresh_model_after_replay(factory):
     model = factory()
     first = prune(model, X, 0.3)

@@ -1,5 +1,13 @@
 """Small reference architectures used by the examples, benchmarks and tests."""
 
-from lightning_intrafusion.models.small import SmallResNet, SmallTransformer, SmallVGG, MixedOpsNet, MLP, resnet18
+from lightning_intrafusion.models.small import (
+    MLP,
+    MixedOpsNet,
+    SmallMobileNet,
+    SmallResNet,
+    SmallTransformer,
+    SmallVGG,
+    resnet18,
+)
 
-__all__ = ["MLP", "MixedOpsNet", "SmallResNet", "SmallTransformer", "SmallVGG", "resnet18"]
+__all__ = ["MLP", "MixedOpsNet", "SmallMobileNet", "SmallResNet", "SmallTransformer", "SmallVGG", "resnet18"]

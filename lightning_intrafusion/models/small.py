@@ -1,6 +1,7 @@
 """Compact networks for 8x8 images (scikit-learn's digits) covering the layer patterns the pruner
 supports: conv+BN stacks with flatten->linear, residual adds, concat, depthwise convs, GroupNorm,
-MLPs and transformer blocks with separate q/k/v projections."""
+inverted residuals with squeeze-and-excitation gates, MLPs and transformer blocks with separate
+q/k/v projections."""
 
 from __future__ import annotations
 
@@ -90,6 +91,55 @@ class MixedOpsNet(nn.Module):
         x = torch.cat([self.branch_a(x), self.branch_b(x)], dim=1)
         x = F.adaptive_avg_pool2d(F.relu(x), 2).flatten(1)
         return self.head(self.ln(F.relu(self.fc(x))))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel gate ``x * sigmoid(fc2(relu(fc1(mean(x)))))`` (SENet, MobileNetV3, EfficientNet)."""
+
+    def __init__(self, channels: int, reduction: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
+        return x * torch.sigmoid(gate)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion, depthwise 3x3, optional SE gate, linear 1x1 projection,
+    residual add when shapes allow."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int = 4, stride: int = 1, se: bool = False) -> None:
+        super().__init__()
+        hidden = c_in * expand
+        self.residual = stride == 1 and c_in == c_out
+        layers = [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+                  nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        if se:
+            layers.append(SqueezeExcite(hidden))
+        layers += [nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.block(x)
+        return x + y if self.residual else y
+
+
+class SmallMobileNet(nn.Module):
+    """MobileNetV2-style network (``se=True``: with squeeze-and-excitation gates, as in MobileNetV3)."""
+
+    def __init__(self, width: int = 8, se: bool = False, num_classes: int = 10) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(1, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU6())
+        self.blocks = nn.Sequential(
+            InvertedResidual(w, w, se=se), InvertedResidual(w, 2 * w, stride=2, se=se), InvertedResidual(2 * w, 2 * w, se=se),
+        )
+        self.head = nn.Linear(2 * w, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.adaptive_avg_pool2d(self.blocks(self.stem(x)), 1).flatten(1))
 
 
 class MLP(nn.Module):
