@@ -4,6 +4,7 @@
     python benchmarks/oneshot.py            # full table (trains and caches 5 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost for our defaults
     python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
+    python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion.datasets import digits_tensors
-from lightning_intrafusion.models import SmallResNet, SmallTransformer, SmallVGG, resnet18
+from lightning_intrafusion.models import SmallMobileNet, SmallResNet, SmallTransformer, SmallVGG, resnet18
 
 CACHE = os.path.join(os.path.dirname(__file__), ".cache")
 SPARSITIES = (0.3, 0.5, 0.7)
@@ -38,6 +39,12 @@ MODELS = {
     ),
 }
 
+
+# --extra: architectures beyond the issue's benchmark set
+EXTRA = {
+    "mobilenet": (lambda: SmallMobileNet(width=16), {}),
+    "mobilenet (SE)": (lambda: SmallMobileNet(width=16, se=True), {}),
+}
 
 # --parts: the transformers' two kinds of groups pruned on their own (same trained models)
 PARTS = {
@@ -67,7 +74,8 @@ def trained(name: str, train_set, seed: int = 0) -> nn.Module:
     factory, _ = MODELS[name]
     torch.manual_seed(seed)
     model = factory()
-    path = os.path.join(CACHE, f"{name.split()[0]}{'_mha' if 'MHA' in name else ''}_seed{seed}.pt")
+    suffix = "_mha" if "MHA" in name else "_se" if "SE" in name else ""
+    path = os.path.join(CACHE, f"{name.split()[0]}{suffix}_seed{seed}.pt")
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
@@ -115,9 +123,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="independently trained models per architecture")
     parser.add_argument("--sweep", action="store_true", help="sweep max_cost of our defaults")
     parser.add_argument("--parts", action="store_true", help="also prune the transformers' MLP neurons and heads separately")
+    parser.add_argument("--extra", action="store_true", help="also MobileNetV2-style nets (not in the issue's set)")
     parser.add_argument("--max-cost", type=float, default=OTConfig().max_cost)
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
+    if args.extra:
+        MODELS.update(EXTRA)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_set, test_set = digits_tensors()
     seeds = range(args.seeds)

@@ -51,6 +51,12 @@ class PrunableGroup:
     root_module: Optional[nn.Module] = field(default=None, repr=False)
     root_handler: Any = field(default=None, repr=False)
 
+    @property
+    def depthwise(self) -> bool:
+        """Whether a depthwise convolution computes the channels from themselves (MobileNet-style
+        expansion -> depthwise chains: each channel passes two nonlinear stages)."""
+        return any(_is_depthwise(layer) for layer, _, _ in self.layers)
+
     def refresh(self) -> None:
         """Point every slice at its tensor's current value (after another group was fused)."""
         for s in self.slices:

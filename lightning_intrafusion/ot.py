@@ -58,6 +58,11 @@ class OTConfig:
             kept head whose normalised query/key/value rows are within this absolute distance (0.5: cosine
             similarity above 0.875), and dropped otherwise (partial OT on producer features). ``None``
             merges heads like any channels.
+        depthwise_max_cost: the same rule for groups whose channels pass through a depthwise convolution
+            (MobileNet-style expansion -> activation -> depthwise -> activation): a channel computed by two
+            nonlinear stages cannot be averaged with a different one either (measured: merging them
+            like other channels put fusion below plain pruning once BN statistics were re-estimated).
+            ``None`` merges them like any channels.
         features: what describes a channel: ``"producer"`` (the weights that compute it; two channels
             with equal producer weights are interchangeable whatever their consumers do) or ``"all"``
             (producer rows and consumer columns concatenated, as in the paper).
@@ -83,6 +88,7 @@ class OTConfig:
     max_cost: float = 1.0
     max_cost_scale: CostScale = "median"
     head_max_cost: Optional[float] = 0.5
+    depthwise_max_cost: Optional[float] = 0.5
     max_cost_without_bn: Optional[float] = 1.2
     features: Features = "all"
     p: float = 2.0
@@ -101,7 +107,7 @@ class OTConfig:
         _check_choice("marginals", self.marginals, _MARGINALS)
         _check_choice("features", self.features, _FEATURES)
         _check_choice("max_cost_scale", self.max_cost_scale, _COST_SCALES)
-        for name in ("head_max_cost", "max_cost_without_bn"):
+        for name in ("head_max_cost", "depthwise_max_cost", "max_cost_without_bn"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"OTConfig.{name} must be > 0 or None, got {value}")
@@ -132,16 +138,19 @@ class OTConfig:
             preserve_norm=False,
             correct_variance=False,
             head_max_cost=None,
+            depthwise_max_cost=None,
             max_cost_without_bn=None,
         )
         return replace(base, **overrides)
 
-    def for_group(self, heads: bool = False, batch_normalized: bool = True) -> "OTConfig":
-        """The configuration applied to one group: whole heads (see ``head_max_cost``) and, under
-        ``"partial"``, groups without BatchNorm (see ``max_cost_without_bn``) get absolute thresholds."""
-        if heads and self.head_max_cost is not None:
+    def for_group(self, heads: bool = False, batch_normalized: bool = True, depthwise: bool = False) -> "OTConfig":
+        """The configuration applied to one group: whole heads (see ``head_max_cost``), depthwise chains
+        (``depthwise_max_cost``) and, under ``"partial"``, groups without BatchNorm (see
+        ``max_cost_without_bn``) get absolute thresholds."""
+        near_duplicates_only = self.head_max_cost if heads else self.depthwise_max_cost if depthwise else None
+        if near_duplicates_only is not None:
             return replace(self, formulation="partial", features="producer", normalize_features=True,
-                           max_cost=self.head_max_cost, max_cost_scale="absolute")
+                           max_cost=near_duplicates_only, max_cost_scale="absolute")
         if not batch_normalized and self.formulation == "partial" and self.max_cost_without_bn is not None:
             return replace(self, normalize_features=True, max_cost=self.max_cost_without_bn, max_cost_scale="absolute")
         return self

@@ -238,7 +238,7 @@ def _prune_groups(
         scores = scores.detach().double().cpu()
         kept = _choose_kept(scores, keep, group.blocks, unit)
         if method == "intrafusion":
-            group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds))
+            group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             report.merged = _fuse(graph, group, scores, kept, unit, group_config)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))

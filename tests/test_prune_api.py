@@ -98,6 +98,20 @@ def test_heads_are_merged_only_when_near_duplicates():
     assert all(g.merged == 16 for g in loose.groups)  # every removed channel of the two removed heads
 
 
+def test_depthwise_chains_are_merged_only_when_near_duplicates():
+    """Channels computed by expansion -> depthwise convs are dropped unless a near-duplicate is kept;
+    residual-stream channels of the same net are merged as usual; depthwise_max_cost=None merges all."""
+    torch.manual_seed(0)
+    model = SmallMobileNet(width=8).eval()
+    strict = prune(copy.deepcopy(model), X, 0.5)
+    loose = prune(copy.deepcopy(model), X, 0.5, ot_config=OTConfig(depthwise_max_cost=None))
+    depthwise = {g.name for g in strict.groups if g.name.endswith("block.3")}
+    assert len(depthwise) == 3
+    assert all(g.merged == 0 for g in strict.groups if g.name in depthwise)
+    assert all(g.merged > 0 for g in strict.groups if g.name not in depthwise)
+    assert all(g.merged > 0 for g in loose.groups if g.name in depthwise)
+
+
 def test_groups_without_batchnorm_merge_only_correlated_channels():
     """Hidden neurons with orthonormal input rows and output columns are all sqrt(2) apart: none is
     merged under the absolute threshold for BN-free groups, all are without it."""
