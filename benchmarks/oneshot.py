@@ -92,7 +92,7 @@ def accuracy(model: nn.Module, data) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def variants(max_cost: float, has_batchnorm: bool):
+def variants(max_cost: float, has_batchnorm: bool, has_depthwise: bool = False):
     out = {
         "default": dict(method="default"),
         "if-paper": dict(ot_config=OTConfig.paper()),
@@ -100,6 +100,8 @@ def variants(max_cost: float, has_batchnorm: bool):
     }
     if has_batchnorm:  # ablation: what the data-free BN variance correction adds
         out["if-ours w/o var. corr."] = dict(ot_config=OTConfig(max_cost=max_cost, correct_variance=False))
+    if has_depthwise:  # ablation: depthwise chains merged like any channels
+        out["if-ours w/o depthwise rule"] = dict(ot_config=OTConfig(max_cost=max_cost, depthwise_max_cost=None))
     return out
 
 
@@ -141,9 +143,10 @@ def main() -> None:
     for name in MODELS:
         models = [trained(name, train_set, seed) for seed in seeds]
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
+        has_depthwise = any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels for m in models[0].modules())
         print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | |")
         for s in SPARSITIES:
-            for label, extra in variants(args.max_cost, has_batchnorm).items():
+            for label, extra in variants(args.max_cost, has_batchnorm, has_depthwise).items():
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 accs, report = [a for a, _ in runs], runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
@@ -180,18 +183,22 @@ def summarize(results) -> None:
     """How often (cells x {without, with recalibration}, on mean accuracy) our defaults match or beat
     plain pruning and the paper preset, and the paired per-model differences behind each cell."""
     cells = [(name, s) for name, s, label in results if label == "default"]
-    total = sum(len(results[name, s, "default"]) for name, s in cells)
     print()
-    for rival in ("default", "if-paper"):
-        wins, losses = 0, []
-        for name, s in cells:
-            for column, tag in list(enumerate(("", " +recal")))[:len(results[name, s, "default"])]:
-                ours, theirs = (sum(a) / len(a) for a in (results[name, s, "if-ours"][column], results[name, s, rival][column]))
-                if ours >= theirs:
-                    wins += 1
-                else:
-                    losses.append(f"{name} {s:.0%}{tag} ({ours:.1f} vs {theirs:.1f})")
-        print(f"if-ours >= {rival}: {wins}/{total} cells" + (f"; below: {', '.join(losses)}" if losses else ""))
+    sets = {"issue's benchmark set": [c for c in cells if c[0] not in EXTRA], "extra architectures": [c for c in cells if c[0] in EXTRA]}
+    for set_name, set_cells in sets.items():
+        if not set_cells:
+            continue
+        total = sum(len(results[name, s, "default"]) for name, s in set_cells)
+        for rival in ("default", "if-paper"):
+            wins, losses = 0, []
+            for name, s in set_cells:
+                for column, tag in list(enumerate(("", " +recal")))[:len(results[name, s, "default"])]:
+                    ours, theirs = (sum(a) / len(a) for a in (results[name, s, "if-ours"][column], results[name, s, rival][column]))
+                    if ours >= theirs:
+                        wins += 1
+                    else:
+                        losses.append(f"{name} {s:.0%}{tag} ({ours:.1f} vs {theirs:.1f})")
+            print(f"{set_name}: if-ours >= {rival}: {wins}/{total} cells" + (f"; below: {', '.join(losses)}" if losses else ""))
     print("\nPaired differences, if-ours minus rival on the same trained model: mean ±standard error "
           "(models where if-ours >= rival)\n")
     print("| model | sparsity | vs default | vs if-paper | vs default +BN recal | vs if-paper +BN recal |")
