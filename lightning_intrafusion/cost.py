@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lightning_intrafusion.attention import projection_width
-from lightning_intrafusion.execution import call_model, preserved_modes
+from lightning_intrafusion.execution import call_model, eager, preserved_modes
 
 
 def _batch_size(inputs: Any) -> int:
@@ -40,6 +40,11 @@ def _attention_macs(module: nn.MultiheadAttention, query: torch.Tensor, key: tor
 
 def count_macs_and_params(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
     """MACs of one forward pass per sample of ``example_inputs``, and the number of parameters."""
+    with eager(model) as plain:  # compiled code may bypass the counting hooks
+        return _count(plain, example_inputs)
+
+
+def _count(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
     total: List[int] = [0]
 
     def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:

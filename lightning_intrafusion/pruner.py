@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.cost import count_macs_and_params
-from lightning_intrafusion.execution import call_model, preserved_modes
+from lightning_intrafusion.execution import call_model, eager, preserved_modes
 from lightning_intrafusion.fusion import (
     channel_correlation,
     channel_features,
@@ -89,35 +89,38 @@ def prune(
     if needs_gradients(scorer) and gradient_fn is None:
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")
 
-    start = time.perf_counter()
-    output_before = _output_shapes(model, example_inputs)
-    macs_before, params_before = count_macs_and_params(model, example_inputs)
-    snapshot = ModelSnapshot(model)
-    try:
-        graph = build_graph(model, example_inputs)
-        selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {})
-        if needs_gradients(scorer):
-            _accumulate_gradients(model, gradient_fn)
-        group_reports, removals = _prune_groups(
-            graph, selected, sparsity, method, scorer, ot_config, reference_widths or {}, channel_blocks or {}
+    # compiled submodules are swapped for the modules they wrap for the whole step: tracing sees their
+    # layers and the recorded names are those of the uncompiled model (what replay_history rebuilds)
+    with eager(model) as model:
+        start = time.perf_counter()
+        output_before = _output_shapes(model, example_inputs)
+        macs_before, params_before = count_macs_and_params(model, example_inputs)
+        snapshot = ModelSnapshot(model)
+        try:
+            graph = build_graph(model, example_inputs)
+            selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {})
+            if needs_gradients(scorer):
+                _accumulate_gradients(model, gradient_fn)
+            group_reports, removals = _prune_groups(
+                graph, selected, sparsity, method, scorer, ot_config, reference_widths or {}, channel_blocks or {}
+            )
+            _check_still_runs(model, example_inputs, output_before)
+            calibrated = False
+            if calibration_data is not None:
+                recalibrate_batchnorm(model, calibration_data, calibration_batches)
+                calibrated = True
+        except BaseException:
+            snapshot.restore()
+            raise
+        finally:
+            if needs_gradients(scorer):
+                model.zero_grad(set_to_none=True)
+        macs_after, params_after = count_macs_and_params(model, example_inputs)
+        return PruneReport(
+            method=method, sparsity=float(sparsity), params_before=params_before, params_after=params_after,
+            macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
+            groups=group_reports, skipped=skipped, calibrated=calibrated, removals=[list(r) for r in removals],
         )
-        _check_still_runs(model, example_inputs, output_before)
-        calibrated = False
-        if calibration_data is not None:
-            recalibrate_batchnorm(model, calibration_data, calibration_batches)
-            calibrated = True
-    except BaseException:
-        snapshot.restore()
-        raise
-    finally:
-        if needs_gradients(scorer):
-            model.zero_grad(set_to_none=True)
-    macs_after, params_after = count_macs_and_params(model, example_inputs)
-    return PruneReport(
-        method=method, sparsity=float(sparsity), params_before=params_before, params_after=params_after,
-        macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
-        groups=group_reports, skipped=skipped, calibrated=calibrated, removals=[list(r) for r in removals],
-    )
 
 
 def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, include: Any, exclude: Any) -> None:

@@ -335,3 +335,25 @@ def test_prune_checkpoint_one_shot_and_restore(tmp_path):
     assert torch.equal(first(X), pruned(X)) and torch.equal(second(X), again(X))
     assert sum(p.numel() for p in second.parameters()) < sum(p.numel() for p in first.parameters())
     assert torch.load(tmp_path / "p2.ckpt", weights_only=True)["epoch"] == 3
+
+
+def test_compiled_models_are_pruned_like_uncompiled_ones():
+    """torch.compile'd model or submodule: the same channels go, MACs are counted, names are the
+    uncompiled model's (so its history replays on a fresh model), and the compiled wrappers stay."""
+    torch.manual_seed(0)
+    reference = SmallVGG(8).eval()
+    whole, part = copy.deepcopy(reference), copy.deepcopy(reference)
+    expected = prune(reference, X, 0.5)
+    whole = torch.compile(whole, backend="eager")
+    part.features = torch.compile(part.features, backend="eager")
+    for model in (whole, part):
+        model(X)  # compiled for the unpruned shapes
+        report = prune(model, X, 0.5)
+        assert (report.params_after, report.macs_before, report.macs_after) == (
+            expected.params_after, expected.macs_before, expected.macs_after)
+        assert [g.name for g in report.groups] == [g.name for g in expected.groups]
+        assert torch.equal(model(X), reference(X))  # recompiled for the new shapes
+    assert type(part.features).__name__ == "OptimizedModule"
+    fresh = SmallVGG(8)
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(reference.state_dict())
