@@ -235,6 +235,10 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             bn_items.append((node, made))
 
+    tied = _tied_tensors(slices)
+    if tied and unsupported is None:
+        unsupported = (f"{tied[0]} and {tied[1]} are one shared (tied) parameter, e.g. tied input and output "
+                       "embeddings; removing or merging its channels in each layer would untie them")
     folds = _batchnorm_folds(bn_items, producer_weights)
     unit = 1
     through_attention_layer = any(isinstance(m, nn.MultiheadAttention) for m, _, _ in layers)
@@ -249,6 +253,16 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
+
+
+def _tied_tensors(slices: List[ChannelSlice]) -> Optional[Tuple[str, str]]:
+    """Two different names of one tensor among the group's slices, if any."""
+    seen: Dict[int, str] = {}
+    for s in slices:
+        first = seen.setdefault(id(s.tensor), s.key)
+        if first != s.key:
+            return first, s.key
+    return None
 
 
 def _attention_head_dim(node: Any) -> int:

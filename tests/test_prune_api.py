@@ -208,6 +208,33 @@ def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     prune(model, X, 0.5, exclude=["2"])  # leaving the grouped conv out works
 
 
+class TiedEmbeddings(nn.Module):
+    """A language-model head that shares its weight with the input embedding."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Embedding(vocab, dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.decoder = nn.Linear(dim, vocab, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.decoder(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def test_tied_weights_are_refused_and_stay_tied():
+    model = TiedEmbeddings()
+    ids = torch.randint(0, 20, (4, 6))
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="embed.weight and decoder.weight are one shared"):
+        prune(model, ids, 0.5)
+    assert_same_state(before, state(model))
+    assert model.decoder.weight is model.embed.weight
+    report = prune(model, ids, 0.5, include=["fc1"])  # the hidden neurons alone are fine
+    assert [g.width_after for g in report.groups] == [16]
+    assert model.decoder.weight is model.embed.weight and model(ids).shape == (4, 6, 20)
+
+
 class PackedQKVNet(nn.Module):
     """timm-style attention: one qkv linear, reshaped to a fixed number of heads of size C // heads."""
 
