@@ -107,12 +107,31 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.
     """
     names = {m: n for n, m in graph.model.named_modules()}
+    tied = _tied_parameters(graph.model)
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
     for tp_group in graph.get_all_groups(root_module_types=roots):
-        yield _describe(graph, tp_group, names)
+        yield _refuse_tied(_describe(graph, tp_group, names), tied)
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-            yield _attention_heads(name, module)
+            yield _refuse_tied(_attention_heads(name, module), tied)
+
+
+def _tied_parameters(model: nn.Module) -> Dict[int, List[str]]:
+    """Parameters that several layers share (e.g. tied input and output embeddings): id -> names."""
+    owners: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return {key: names for key, names in owners.items() if len(names) > 1}
+
+
+def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
+    """A group that would remove or merge channels of a shared parameter in one of its layers only
+    (the others see other channels of it, or none) cannot be pruned without untying it."""
+    shared = next((tied[id(s.tensor)] for s in group.slices if id(s.tensor) in tied), None)
+    if shared is not None and group.unsupported is None:
+        group.unsupported = (f"its channels live in {' = '.join(shared)}, one shared (tied) parameter, e.g. tied "
+                             "input and output embeddings; pruning it in one layer would untie them")
+    return group
 
 
 def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
@@ -235,10 +254,6 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             bn_items.append((node, made))
 
-    tied = _tied_tensors(slices)
-    if tied and unsupported is None:
-        unsupported = (f"{tied[0]} and {tied[1]} are one shared (tied) parameter, e.g. tied input and output "
-                       "embeddings; removing or merging its channels in each layer would untie them")
     folds = _batchnorm_folds(bn_items, producer_weights)
     unit = 1
     through_attention_layer = any(isinstance(m, nn.MultiheadAttention) for m, _, _ in layers)
@@ -253,16 +268,6 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
-
-
-def _tied_tensors(slices: List[ChannelSlice]) -> Optional[Tuple[str, str]]:
-    """Two different names of one tensor among the group's slices, if any."""
-    seen: Dict[int, str] = {}
-    for s in slices:
-        first = seen.setdefault(id(s.tensor), s.key)
-        if first != s.key:
-            return first, s.key
-    return None
 
 
 def _attention_head_dim(node: Any) -> int:

@@ -49,3 +49,21 @@ def test_fusing_duplicated_heads_preserves_outputs():
     with torch.no_grad():
         assert torch.allclose(fused.bert(**inputs).last_hidden_state, expected, atol=1e-5)
         assert (plain.bert(**inputs).last_hidden_state - expected).abs().max() > 1e-2
+
+
+def test_masked_lm_with_tied_embeddings():
+    """BertForMaskedLM ties its output layer to the word embeddings: the width they share is refused
+    (pruning it would untie them), while heads and feed-forward neurons prune and the tie holds."""
+    from lightning_intrafusion import UnsupportedModelError
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=32, attn_implementation="sdpa")
+    model = transformers.BertForMaskedLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    with pytest.raises(UnsupportedModelError, match="word_embeddings.weight = cls.predictions.decoder.weight"):
+        prune(model, inputs, 0.3)
+    report = prune(model, inputs, 0.5, include=[QUERY, "*.intermediate.dense"])
+    assert [g.width_after for g in report.groups] == [32, 64, 32, 64]
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model(**inputs).logits.shape == (2, 16, 100)
