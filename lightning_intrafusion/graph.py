@@ -74,7 +74,11 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
         with preserved_modes(model), torch.enable_grad():  # tracing switches the model to eval mode
             graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
     except Exception as err:  # surface tracing failures as input errors
-        raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"the dependency graph could not be traced on example_inputs ({type(err).__name__}: {err}); "
+            "a common cause is an output that is not made of tensors, e.g. a Hugging Face cache "
+            "(pass use_cache=False in the inputs)"
+        ) from err
     _repair_concat_offsets(graph)
     return graph
 

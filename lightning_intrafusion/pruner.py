@@ -207,7 +207,9 @@ def _select_groups(
         selected.append(group)
     unused = [p for p, hit in used.items() if not hit]
     if unused:
-        raise ValueError(f"module-name globs matched no prunable layer: {unused}")
+        kinds = sorted({type(m).__name__ for n, m in graph.model.named_modules() if n and matches(n, unused)})
+        hint = f" (they match only modules of type {', '.join(kinds)}, none of them a prunable layer)" if kinds else ""
+        raise ValueError(f"module-name globs matched no prunable layer: {unused}{hint}")
     return selected, skipped
 
 
