@@ -1,7 +1,8 @@
 """Size and compute of a model: parameters and multiply-accumulates (MACs) per sample.
 
 MACs are counted with forward hooks on the model itself (no copy, so a LightningModule's Trainer is
-never duplicated): convolutions, transposed convolutions, linear layers and ``nn.MultiheadAttention``
+never duplicated): convolutions, transposed convolutions, linear layers (also Hugging Face's
+``Conv1D``) and ``nn.MultiheadAttention``
 (its projections and attention products), which dominate compute.
 """
 
@@ -14,6 +15,7 @@ from torch import nn
 
 from lightning_intrafusion.attention import projection_width
 from lightning_intrafusion.execution import call_model, eager, preserved_modes
+from lightning_intrafusion.surgery import transposed_linear_types
 
 
 def _batch_size(inputs: Any) -> int:
@@ -64,8 +66,10 @@ def _count(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
                 total[0] += output.numel() * (module.in_channels // module.groups) * kernel
         elif isinstance(module, nn.Linear):
             total[0] += output.numel() * module.in_features
+        elif isinstance(module, transposed_linear_types()):
+            total[0] += output.numel() * module.weight.shape[0]
 
-    kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention)
+    kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention) + transposed_linear_types()
     handles = [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)]
     try:
         with preserved_modes(model), torch.no_grad():

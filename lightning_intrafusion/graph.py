@@ -20,7 +20,7 @@ from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
 from lightning_intrafusion.execution import preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
-from lightning_intrafusion.surgery import is_grouped_conv, parameter_owner
+from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
 
 _OPTYPE = tp.ops.OPTYPE
 
@@ -57,6 +57,13 @@ class PrunableGroup:
         expansion -> depthwise chains: each channel passes two nonlinear stages)."""
         return any(_is_depthwise(layer) for layer, _, _ in self.layers)
 
+    @property
+    def scored_by_torch_pruning(self) -> bool:
+        """Whether Torch-Pruning's importance criteria can score the group (they know neither the heads
+        of ``nn.MultiheadAttention``, which have no Torch-Pruning group, nor Hugging Face's ``Conv1D``)."""
+        kinds = transposed_linear_types()
+        return self.tp_group is not None and not any(isinstance(layer, kinds) for layer, _, _ in self.layers)
+
     def refresh(self) -> None:
         """Point every slice at its tensor's current value (after another group was fused)."""
         for s in self.slices:
@@ -72,7 +79,8 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Trace ``model`` on ``example_inputs``; the model's train/eval mode is left as it was."""
     try:
         with preserved_modes(model), torch.enable_grad():  # tracing switches the model to eval mode
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, verbose=False, customized_pruners=extra_pruners() or None)
     except Exception as err:  # surface tracing failures as input errors
         raise ValueError(
             f"the dependency graph could not be traced on example_inputs ({type(err).__name__}: {err}); "
@@ -112,7 +120,7 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     """
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
-    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding)
+    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
     for tp_group in graph.get_all_groups(root_module_types=roots):
         yield _refuse_tied(_describe(graph, tp_group, names), tied)
     for name, module in graph.model.named_modules():
@@ -251,13 +259,19 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
                 made[attr] = ChannelSlice(key, tensor, dim, positions, role, feature)
             targets[key] = (module, attr)
             slices.append(made[attr])
-        if spec and spec[0][2] == "producer" and isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        if spec and spec[0][2] == "producer" and isinstance(
+                module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d) + transposed_linear_types()):
             producers.append(name)
             if "weight" in made and not _is_depthwise(module):
                 producer_weights[node] = (made["weight"], made.get("bias"))
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             bn_items.append((node, made))
 
+    beyond = next((s.key for s in slices if not isinstance(s, GroupedInputSlice) and s.positions.numel()
+                   and int(s.positions.max()) >= s.tensor.shape[s.dim]), None)
+    if beyond is not None and unsupported is None:
+        unsupported = (f"the graph maps its channels beyond the size of {beyond} (a split or reshape it could not "
+                       "follow, e.g. query/key/value packed in one layer)")
     folds = _batchnorm_folds(bn_items, producer_weights)
     unit = 1
     through_attention_layer = any(isinstance(m, nn.MultiheadAttention) for m, _, _ in layers)
@@ -315,6 +329,10 @@ def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, i
         if is_out:
             return [("weight", 0, "producer", True), ("bias", 0, "producer", False)]
         return [("weight", 1, "consumer", True)]
+    if isinstance(module, transposed_linear_types()):  # weight (in, out): y = x @ W + b
+        if is_out:
+            return [("weight", 1, "producer", True), ("bias", 0, "producer", False)]
+        return [("weight", 0, "consumer", True)]
     if isinstance(module, nn.Embedding):
         return [("weight", 1, "producer", True)] if is_out else None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -46,13 +46,27 @@ def resolve_importance(importance: ImportanceLike) -> Any:
     raise ValueError(f"Unknown importance {importance!r}; expected one of {list(IMPORTANCES)} or an importance object")
 
 
+_NAMED = (tp.importance.GroupMagnitudeImportance, tp.importance.GroupTaylorImportance, tp.importance.LAMPImportance,
+          tp.importance.RandomImportance, tp.importance.FPGMImportance, tp.importance.BNScaleImportance)
+
+
+def score_group(importance: Any, group: Any) -> Any:
+    """One score per channel of a :class:`~lightning_intrafusion.graph.PrunableGroup`: Torch-Pruning's
+    criterion on its Torch-Pruning group where it can score it, the same criterion on the group's weight
+    tensors where not; a user object always gets the Torch-Pruning group when there is one."""
+    if group.tp_group is not None and (group.scored_by_torch_pruning or not isinstance(importance, _NAMED)):
+        return importance(group.tp_group)
+    return score_slices(importance, group.slices, group.root_name)
+
+
 def needs_gradients(importance: Any) -> bool:
     return isinstance(importance, tp.importance.GroupTaylorImportance)
 
 
 def score_slices(importance: Any, slices: Sequence[ChannelSlice], group_name: str) -> Tensor:
-    """Scores of a group that has no Torch-Pruning group (the heads of an ``nn.MultiheadAttention``),
-    computed from its weight tensors with the same criterion as ``importance``."""
+    """Scores of a group that Torch-Pruning's criteria cannot score (the heads of an
+    ``nn.MultiheadAttention``, Hugging Face ``Conv1D`` layers), computed from its weight tensors with
+    the same criterion as ``importance``."""
     features = [s for s in slices if s.is_feature]
     n = features[0].positions.shape[0]
     if isinstance(importance, tp.importance.RandomImportance):

@@ -9,22 +9,29 @@ import torch
 from torch import Tensor, nn
 
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
-from lightning_intrafusion.surgery import complement, is_grouped_conv, select_grouped_inputs, surviving_attention_indices
+from lightning_intrafusion.surgery import (
+    complement,
+    is_grouped_conv,
+    output_dim,
+    select_grouped_inputs,
+    surviving_attention_indices,
+)
 
 
 def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
-                 module_name: str) -> Dict[int, Tensor]:
-    """For each dim that shrank, the indices (in the old tensor) that survive."""
+                 module_name: str, out_dim: int = 0) -> Dict[int, Tensor]:
+    """For each dim that shrank, the indices (in the old tensor) that survive; ``out_dim`` is the
+    dimension of the tensor that indexes the layer's output channels."""
     mine = [(side, idxs) for name, side, idxs in removals if name == module_name]
     out: Dict[int, Tensor] = {}
     for dim, (a, b) in enumerate(zip(old_shape, new_shape)):
         if a == b:
             continue
-        # a bare parameter records its dim; for a layer, the "out" side is its dim 0 (ConvTranspose:
-        # dim 1) and the "in" side the other one
+        # a bare parameter records its dim; for a layer, the "out" side is ``out_dim`` and the "in"
+        # side the other one
         explicit = [idxs for side, idxs in mine if side == f"dim{dim}"]
         candidates = [idxs for side, idxs in mine if len(idxs) == a - b]
-        preferred = [idxs for side, idxs in mine if len(idxs) == a - b and (side == "out") == (dim == 0)]
+        preferred = [idxs for side, idxs in mine if len(idxs) == a - b and (side == "out") == (dim == out_dim)]
         chosen = (explicit or preferred or candidates or [None])[0]
         if chosen is None:
             raise ValueError(f"cannot tell which channels of {module_name} dim {dim} were kept")
@@ -88,7 +95,8 @@ def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
         # output rows first (an index_select), then each conv group's own input columns
         rows_only = kept_indices(old_shape, (new_shape[0],) + old_shape[1:], removals, module_name)
         return lambda value: select_grouped_inputs(slice_state(value, rows_only), layer.groups, grouped_inputs[0])
-    kept = kept_indices(old_shape, new_shape, removals, module_name)
+    out_dim = output_dim(layer) if layer is not None and name.endswith("weight") and len(old_shape) > 1 else 0
+    kept = kept_indices(old_shape, new_shape, removals, module_name, out_dim)
     return lambda value: slice_state(value, kept)
 
 

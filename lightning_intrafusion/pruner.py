@@ -33,7 +33,7 @@ from lightning_intrafusion.graph import (
     iter_groups,
     matches,
 )
-from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_slices
+from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import GroupReport, PruneReport
 from lightning_intrafusion.snapshot import ModelSnapshot
@@ -237,7 +237,7 @@ def _prune_groups(
         reports.append(report)
         if keep >= group.width:
             continue
-        scores = scorer(group.tp_group) if group.tp_group is not None else score_slices(scorer, group.slices, group.root_name)
+        scores = score_group(scorer, group)
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()

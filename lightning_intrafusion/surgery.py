@@ -9,6 +9,7 @@ class rebuilds the pruned shapes (so ``load_state_dict`` works on pruned checkpo
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,10 +24,58 @@ from lightning_intrafusion.attention import PrunableMultiheadAttention, paramete
 # "heads" | "embed", projection or embedding channels)
 Removal = Tuple[str, str, List[int]]
 
+class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
+    """Removal for linear layers that store their weight as ``(in, out)`` and compute ``x @ W + b``
+    (Hugging Face's ``Conv1D`` in GPT-2 style models), unknown to Torch-Pruning."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = complement(layer.weight.shape[1], idxs)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 1)
+        if layer.bias is not None:
+            layer.bias = self._prune_parameter_and_grad(layer.bias, keep, 0)
+        layer.nf = len(keep)
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = complement(layer.weight.shape[0], idxs)
+        layer.weight = self._prune_parameter_and_grad(layer.weight, keep, 0)
+        if hasattr(layer, "nx"):
+            layer.nx = len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[1]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.weight.shape[0]
+
+
+def transposed_linear_types() -> Tuple[type, ...]:
+    """Layer classes handled by :class:`TransposedLinearPruner` that this process has imported
+    (transformers is never imported here: a model made of its layers has imported it already)."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (conv1d,) if isinstance(conv1d, type) else ()
+
+
+def extra_pruners() -> Dict[type, tp.pruner.function.BasePruningFunc]:
+    """Pruning functions for layer types Torch-Pruning does not know, for its dependency graph."""
+    return {kind: TransposedLinearPruner() for kind in transposed_linear_types()}
+
+
+def output_dim(module: nn.Module) -> int:
+    """The dimension of ``module.weight`` that indexes its output channels."""
+    if isinstance(module, nn.modules.conv._ConvTransposeNd) or isinstance(module, transposed_linear_types()):
+        return 1
+    return 0
+
+
 _PRUNERS = tp.DependencyGraph()  # only used as a registry of per-layer pruning functions
 
 
 def pruning_function(module: nn.Module, side: str):
+    for kind, extra in extra_pruners().items():
+        if kind not in _PRUNERS.CUSTOMIZED_PRUNERS:
+            _PRUNERS.register_customized_layer(kind, extra)
     pruner = _PRUNERS.get_pruner_of_module(module)
     if pruner is None:
         raise ValueError(f"no pruning function for {type(module).__name__}")

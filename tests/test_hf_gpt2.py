@@ -1,0 +1,88 @@
+"""A Hugging Face GPT-2 (built from a small config, nothing downloaded): its layers are ``Conv1D``
+(weight stored as (in, out)), its attention packs query/key/value in one layer, and its output layer
+is tied to the input embedding."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import EvenUnitsFirst, duplicate_odd_units
+from lightning_intrafusion import UnsupportedModelError, prune
+from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
+from lightning_intrafusion.surgery import replay_history
+
+transformers = pytest.importorskip("transformers")
+
+MLP = ["*.mlp.c_fc"]
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(config).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
+    return model, inputs
+
+
+def test_mlp_neurons_of_conv1d_layers_are_fused_exactly():
+    model, inputs = _gpt2()
+    duplicate_odd_units(model, inputs, include=MLP)
+    expected = model(**inputs).logits
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP)
+    prune(plain, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP, method="default")
+    assert [(g.width_before, g.width_after, g.merged) for g in report.groups] == [(128, 64, 64)] * 2
+    assert fused.transformer.h[0].mlp.c_fc.weight.shape == (32, 64)  # (in, out)
+    assert fused.transformer.h[0].mlp.c_proj.weight.shape == (64, 32)
+    assert report.macs_after < report.macs_before
+    assert torch.allclose(fused(**inputs).logits, expected, atol=1e-4)
+    assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+    fresh, _ = _gpt2()
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(fused.state_dict())
+
+
+def test_optimizer_state_of_conv1d_layers_is_sliced_like_the_weights():
+    model, inputs = _gpt2()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = p.detach().clone()
+    saved = snapshot_optimizer_state([optimizer], model)
+    report = prune(model, inputs, 0.5, include=MLP, method="default")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    restore_optimizer_state([optimizer], model, saved, report.removals)
+    for name, p in model.named_parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
+
+
+def test_packed_attention_and_tied_width_are_refused():
+    model, inputs = _gpt2()
+    with pytest.raises(UnsupportedModelError, match="packed in one layer"):
+        prune(model, inputs, 0.5, include=["*.attn.c_attn"])
+    with pytest.raises(UnsupportedModelError, match="wte.weight = lm_head.weight"):
+        prune(model, inputs, 0.5)
+    with pytest.raises(ValueError, match="use_cache=False"):
+        prune(model, {"input_ids": inputs["input_ids"]}, 0.5, include=MLP)
+
+
+def test_square_conv1d_pruned_on_both_sides_keeps_matching_optimizer_state():
+    """Both sides of a square (in, out) weight lose equally many channels: which dim is which must
+    come from the layer, not from the counts."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Conv1D(16, 8), torch.nn.ReLU(), Conv1D(16, 16), torch.nn.ReLU(), Conv1D(4, 16))
+    x = torch.randn(5, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = p.detach().clone()
+    saved = snapshot_optimizer_state([optimizer], model)
+    report = prune(model, x, 0.5, method="default")
+    assert model[2].weight.shape == (8, 8)
+    assert (report.macs_before, report.macs_after) == (8 * 16 + 16 * 16 + 16 * 4, 8 * 8 + 8 * 8 + 8 * 4)  # per sample
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    restore_optimizer_state([optimizer], model, saved, report.removals)
+    for name, p in model.named_parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
