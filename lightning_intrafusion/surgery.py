@@ -24,6 +24,7 @@ from lightning_intrafusion.attention import PrunableMultiheadAttention, paramete
 # "heads" | "embed", projection or embedding channels)
 Removal = Tuple[str, str, List[int]]
 
+
 class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
     """Removal for linear layers that store their weight as ``(in, out)`` and compute ``x @ W + b``
     (Hugging Face's ``Conv1D`` in GPT-2 style models), unknown to Torch-Pruning."""
