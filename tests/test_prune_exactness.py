@@ -30,11 +30,42 @@ class GroupedConvNet(nn.Module):
         return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
 
 
+class TinyUNet(nn.Module):
+    """Encoder-decoder with a transposed-conv upsampling and a concatenated skip connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.e1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.e2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.d1 = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        skip = self.e1(x)
+        return self.out(self.d1(torch.cat([skip, self.up(self.e2(skip))], 1)))
+
+
+class Conv1dNet(nn.Module):
+    """1-D convolutions with BatchNorm1d over the rows of the image (audio-style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
+                                 nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(self.net(x.reshape(x.shape[0], 8, 8)).mean(-1))
+
+
 CASES = {
     "vgg": (lambda: SmallVGG(width=8), {}),
     "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
     "concat_depthwise_groupnorm_layernorm": (MixedOpsNet, {}),
     "mlp": (MLP, {}),
+    "unet_transposed_conv_concat": (TinyUNet, {}),
+    "conv1d_batchnorm1d": (Conv1dNet, {}),
     # inverted residuals: depthwise convs between two BNs inside a group, residual streams
     "mobilenet": (lambda: SmallMobileNet(width=8), {}),
     # ... with squeeze-and-excitation: the gate multiplies the depthwise output channel by channel
@@ -65,7 +96,7 @@ CASES = {
 # exact). In these small groups the consumer columns then dominate the paper's producer+consumer
 # features, and the twin of a removed channel need not be its nearest kept channel: their exactness
 # is asserted with producer features.
-TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se"}
+TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d"}
 
 
 def _prepared(name):
