@@ -17,7 +17,7 @@ import torch
 
 from lightning_intrafusion import IntraFusionCallback, OTConfig, prune
 from lightning_intrafusion.datasets import DigitsDataModule
-from lightning_intrafusion.models import SmallResNet, SmallTransformer, SmallVGG, resnet18
+from lightning_intrafusion.models import SmallMobileNet, SmallResNet, SmallTransformer, SmallVGG, resnet18
 
 
 def grouped_convnet() -> torch.nn.Module:
@@ -69,6 +69,7 @@ def main() -> int:
     compare("transformer (nn.MHA)", lambda: SmallTransformer(attention="torch"), images, args.device,
             include=["*.attn", "*.fc1"])
     compare("grouped conv", grouped_convnet, images, args.device)
+    compare("mobilenet (SE)", lambda: SmallMobileNet(se=True), images, args.device)
     compare("resnet18", resnet18, torch.randn(2, 3, 32, 32), args.device)
 
     pl.seed_everything(0)
