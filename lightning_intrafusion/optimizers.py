@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
+from lightning_intrafusion.execution import eager
 from lightning_intrafusion.surgery import (
     complement,
     is_grouped_conv,
@@ -46,8 +47,10 @@ def slice_state(value: Tensor, kept: Mapping[int, Tensor]) -> Tensor:
 
 
 def snapshot_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module: nn.Module) -> Dict[str, dict]:
-    """``{parameter name: {state key: tensor}}`` of every optimizer, plus the parameter's shape."""
-    names = {id(p): n for n, p in module.named_parameters()}
+    """``{parameter name: {state key: tensor}}`` of every optimizer, plus the parameter's shape (names
+    of the uncompiled module, as pruning records them)."""
+    with eager(module) as plain:
+        names = {id(p): n for n, p in plain.named_parameters()}
     out: Dict[str, dict] = {}
     for opt in optimizers:
         for p, state in opt.state.items():
@@ -60,8 +63,9 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
                             saved: Mapping[str, dict], removals: Sequence[Tuple[str, str, List[int]]]) -> int:
     """Put the saved state on the new parameters, sliced to their kept channels. Returns how many
     parameters got their state back."""
-    params = dict(module.named_parameters())
-    modules = dict(module.named_modules())
+    with eager(module) as plain:
+        params = dict(plain.named_parameters())
+        modules = dict(plain.named_modules())
     restored = 0
     for opt in optimizers:
         owned = {id(p) for g in opt.param_groups for p in g["params"]}

@@ -19,6 +19,7 @@ from torch import nn
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot
+from lightning_intrafusion.execution import eager
 
 # (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), or (attention layer name,
 # "heads" | "embed", projection or embedding channels)
@@ -212,6 +213,8 @@ def _prune_parameter(model: nn.Module, name: str, dim: int, idxs: Sequence[int])
 
 
 def replay_history(model: nn.Module, history: Sequence[Sequence[Removal]]) -> None:
-    """Re-apply a sequence of pruning steps (each a list of removals) to a fresh, unpruned model."""
-    for step in history:
-        apply_removals(model, [(str(n), str(s), [int(i) for i in idxs]) for n, s, idxs in step])
+    """Re-apply a sequence of pruning steps (each a list of removals) to a fresh, unpruned model
+    (names are those of the uncompiled model, as :func:`~lightning_intrafusion.prune` records them)."""
+    with eager(model) as plain:
+        for step in history:
+            apply_removals(plain, [(str(n), str(s), [int(i) for i in idxs]) for n, s, idxs in step])

@@ -165,3 +165,21 @@ def test_step_unit_fires_between_optimizer_steps(tmp_path):
     trainer.fit(model, datamodule=DigitsDataModule())
     assert cb.fired == 3
     assert [r["sparsity"] for r in cb.records] == pytest.approx([0.4 * (1 - (2 / 3) ** 3), 0.4 * (1 - (1 / 3) ** 3), 0.4])
+
+
+def test_fit_with_a_compiled_submodule(tmp_path):
+    """A torch.compile'd backbone is pruned through the module it wraps; Adam's state follows the
+    kept channels (parameter names differ from the recorded ones by the wrapper's '_orig_mod')."""
+    pl.seed_everything(0)
+    model = LitClassifier(optimizer="adam", lr=1e-3, scheduler=False)
+    model.net = torch.compile(model.net, backend="eager")
+    dense_params = _params(model)
+    cb = IntraFusionCallback(target_sparsity=0.5, start=1, end=2, every=1, schedule="linear")
+    trainer = _trainer(tmp_path, [cb], max_epochs=3)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert cb.fired == 2 and _params(model) < dense_params / 2
+    assert type(model.net).__name__ == "OptimizedModule"
+    opt = trainer.optimizers[0]
+    assert {id(p) for p in opt.state} == {id(p) for p in model.parameters()}
+    for p, state in opt.state.items():
+        assert state["exp_avg"].shape == p.shape
