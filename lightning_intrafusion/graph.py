@@ -77,7 +77,11 @@ class PrunableGroup:
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Trace ``model`` on ``example_inputs``; the model's train/eval mode is left as it was."""
+    # the graph is read from autograd: frozen layers (requires_grad=False) would be invisible to it
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with preserved_modes(model), torch.enable_grad():  # tracing switches the model to eval mode
             graph = tp.DependencyGraph().build_dependency(
                 model, example_inputs=example_inputs, verbose=False, customized_pruners=extra_pruners() or None)
@@ -87,6 +91,9 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
             "a common cause is an output that is not made of tensors, e.g. a Hugging Face cache "
             "(pass use_cache=False in the inputs)"
         ) from err
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     _repair_concat_offsets(graph)
     return graph
 

@@ -102,7 +102,18 @@ def merge_removals(entries: Sequence[Tuple[Any, str, Sequence[int]]], names: Dic
 
 
 def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
-    """Remove the listed channels (indices refer to the widths before this call)."""
+    """Remove the listed channels (indices refer to the widths before this call). Parameters keep
+    their ``requires_grad`` (frozen layers stay frozen)."""
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        _apply_removals(model, removals)
+    finally:
+        for name, p in model.named_parameters():
+            if name in trainable and p.requires_grad != trainable[name]:
+                p.requires_grad_(trainable[name])
+
+
+def _apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
     modules = dict(model.named_modules())
     for name, side, idxs in removals:
         if side.startswith("dim"):

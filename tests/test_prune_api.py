@@ -384,3 +384,19 @@ def test_compiled_models_are_pruned_like_uncompiled_ones():
     fresh = SmallVGG(8)
     replay_history(fresh, [report.removals])
     fresh.load_state_dict(reference.state_dict())
+
+
+def test_frozen_layers_are_pruned_and_stay_frozen():
+    """requires_grad=False hides a layer from autograd, which the dependency graph is read from: frozen
+    layers must be pruned like the others, and stay frozen."""
+    torch.manual_seed(0)
+    reference = SmallVGG(8).eval()
+    frozen = copy.deepcopy(reference)
+    for p in frozen.features.parameters():
+        p.requires_grad_(False)
+    expected = prune(reference, X, 0.5)
+    report = prune(frozen, X, 0.5)
+    assert report.params_after == expected.params_after
+    assert torch.equal(frozen(X), reference(X))
+    assert not any(p.requires_grad for p in frozen.features.parameters())
+    assert all(p.requires_grad for p in frozen.classifier.parameters())
