@@ -314,7 +314,8 @@ def _activation_matmul(node: Any) -> bool:
 
 
 def _has_stats(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None
+    norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+    return isinstance(module, norms) and getattr(module, "running_mean", None) is not None
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -350,6 +351,8 @@ def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, i
         return [("weight", 0, "producer", False), ("bias", 0, "producer", False)]
     if isinstance(module, nn.GroupNorm):
         return [("weight", 0, "producer", False), ("bias", 0, "producer", False)]
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):  # per-channel affine, like GroupNorm
+        return None if module.track_running_stats else [("weight", 0, "producer", False), ("bias", 0, "producer", False)]
     if isinstance(module, nn.PReLU):
         return [("weight", 0, "producer", False)] if module.num_parameters > 1 else []
     return None
@@ -360,6 +363,8 @@ def _why_unsupported(name: str, module: nn.Module) -> str:
         return f"{name} is a grouped transposed convolution (groups={module.groups}), which has no fusion rule"
     if isinstance(module, nn.LayerNorm):
         return f"{name} is a LayerNorm over {tuple(module.normalized_shape)} (only 1-D is supported)"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm):
+        return f"{name} is an instance norm with running statistics (track_running_stats=True), which has no fusion rule"
     return f"{name} ({type(module).__name__}) is a layer type without a fusion rule"
 
 

@@ -53,12 +53,15 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            norms = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+            if isinstance(m, norms):
                 n = m.num_features
-                m.weight.copy_(0.5 + torch.rand(n, generator=g))
-                m.bias.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(0.5 + torch.rand(n, generator=g))
+                if m.affine:
+                    m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                    m.running_var.copy_(0.5 + torch.rand(n, generator=g))
 
 
 def state(model: nn.Module) -> dict:

@@ -198,6 +198,7 @@ def test_unknown_solver_name_rejected_by_config():
 
 @pytest.mark.parametrize("layer, match", [
     (nn.ConvTranspose2d(8, 8, 3, padding=1, groups=2), "grouped transposed convolution"),
+    (nn.InstanceNorm2d(8, track_running_stats=True), "instance norm with running statistics"),
 ])
 def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), layer, nn.ReLU(), nn.Conv2d(8, 4, 1))

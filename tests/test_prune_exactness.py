@@ -59,12 +59,20 @@ class Conv1dNet(nn.Module):
         return self.fc(self.net(x.reshape(x.shape[0], 8, 8)).mean(-1))
 
 
+def norm_stack(norm) -> nn.Module:
+    """conv -> norm -> ReLU twice, then pooled logits."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), norm(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(8),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
 CASES = {
     "vgg": (lambda: SmallVGG(width=8), {}),
     "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
     "concat_depthwise_groupnorm_layernorm": (MixedOpsNet, {}),
     "mlp": (MLP, {}),
     "unet_transposed_conv_concat": (TinyUNet, {}),
+    "batchnorm_without_affine": (lambda: norm_stack(lambda c: nn.BatchNorm2d(c, affine=False)), {}),
+    "instance_norm": (lambda: norm_stack(lambda c: nn.InstanceNorm2d(c, affine=True)), {}),
     "conv1d_batchnorm1d": (Conv1dNet, {}),
     # inverted residuals: depthwise convs between two BNs inside a group, residual streams
     "mobilenet": (lambda: SmallMobileNet(width=8), {}),
