@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
-from lightning_intrafusion.execution import preserved_modes
+from lightning_intrafusion.execution import call_model, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
 
@@ -42,6 +42,9 @@ class PrunableGroup:
     blocks: int = 1
     unit: int = 1  # channels that are only kept or removed together (the head size of attention heads)
     hidden_heads: bool = False  # channels meet in a batched matmul of activations: heads of unseen size
+    # channels are reshaped and their dims transposed outside attention: the graph may not follow a
+    # channel permutation (a ShuffleNet channel shuffle), so the mapping is checked by a probe
+    reordered: bool = False
     protected: Optional[str] = None  # why the group must not be pruned, if it must not
     unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
     targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
@@ -196,7 +199,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
     targets: Dict[str, Tuple[nn.Module, str]] = {}
     layers: List[Tuple[Any, str, torch.Tensor]] = []
 
-    head_dim, hidden_heads = 0, False
+    head_dim, hidden_heads, reshaped, transposed = 0, False, False, False
     for item in tp_group:
         dep = item.dep
         node = dep.target
@@ -204,6 +207,8 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         is_out = graph.is_out_channel_pruning_fn(dep.handler)
         head_dim = head_dim or _attention_head_dim(node)
         hidden_heads = hidden_heads or _activation_matmul(node)
+        reshaped = reshaped or node.type == _OPTYPE.RESHAPE
+        transposed = transposed or _grad_fn_name(node) in ("TransposeBackward0", "PermuteBackward0")
         if is_out and not node.outputs:
             protected = f"its channels are model outputs (produced by {names.get(module, node.name)})"
         if node.type in (_OPTYPE.CONCAT, _OPTYPE.SPLIT) and getattr(module, "offsets", None) is None:
@@ -285,14 +290,68 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
     if head_dim and width % head_dim == 0 and not through_attention_layer:
         unit = head_dim  # query/key/value channels of attention heads: kept, removed and merged whole heads
     hidden_heads = hidden_heads and unit == 1 and not through_attention_layer
+    reordered = reshaped and transposed and not head_dim and not through_attention_layer and not hidden_heads
     if width % blocks and unsupported is None:
         unsupported = f"its {width} channels cannot be split into {blocks} equal conv/norm groups"
     return PrunableGroup(
         root_name=names.get(root, "?"), width=width, slices=slices, folds=folds, producers=producers,
-        members=members, blocks=blocks, unit=unit, hidden_heads=hidden_heads, protected=protected,
+        members=members, blocks=blocks, unit=unit, hidden_heads=hidden_heads, reordered=reordered, protected=protected,
         unsupported=unsupported, targets=targets, layers=layers, tp_group=tp_group, root_module=root,
         root_handler=root_dep.handler,
     )
+
+
+def _grad_fn_name(node: Any) -> str:
+    grad_fn = getattr(node, "grad_fn", None)
+    return type(grad_fn).__name__ if grad_fn is not None else ""
+
+
+def channel_mapping_holds(model: nn.Module, example_inputs: Any, group: PrunableGroup) -> bool:
+    """Probe the graph's channel mapping: perturb a few output channels of the group's root layer and
+    check that the input channel of the first consuming layer that changes most is the one the graph
+    maps them to. Nothing is modified. Inconclusive probes (no consumer, nothing changed) pass."""
+    producer = next((s for s in group.slices if s.role == "producer" and s.is_feature
+                     and group.targets[s.key][0] is group.root_module), None)
+    consumer = next((s for s in group.slices if s.role == "consumer" and s.is_feature), None)
+    if producer is None or consumer is None or group.width < 3:
+        return True
+    consumer_module = group.targets[consumer.key][0]
+    if isinstance(consumer_module, nn.MultiheadAttention):
+        return True
+    seen: Dict[str, torch.Tensor] = {}
+
+    def channel_dim(module: nn.Module) -> int:
+        return 1 if isinstance(module, nn.modules.conv._ConvNd) else -1
+
+    def run(channel: Optional[int]) -> torch.Tensor:
+        def perturb(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            if channel is None:
+                return output
+            out = output.clone()
+            out.select(channel_dim(module), channel).add_(10.0 * (1.0 + float(output.detach().abs().max())))
+            return out
+
+        def capture(module: nn.Module, args: Any) -> None:
+            seen["input"] = args[0].detach()
+
+        hooks = [group.root_module.register_forward_hook(perturb), consumer_module.register_forward_pre_hook(capture)]
+        try:
+            with preserved_modes(model), torch.no_grad():
+                call_model(model.eval(), example_inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen["input"]
+
+    base = run(None)
+    dim = channel_dim(consumer_module) % base.dim()
+    for j in (1, group.width - 2):
+        change = (run(int(producer.positions[j, 0])) - base).abs().float().movedim(dim, 0).flatten(1).sum(1)
+        if float(change.max()) <= 0:
+            continue
+        if int(change.argmax()) not in set(consumer.positions[j].tolist()):
+            return False
+    return True
 
 
 def _attention_head_dim(node: Any) -> int:

@@ -29,6 +29,7 @@ from lightning_intrafusion.graph import (
     PrunableGroup,
     UnsupportedModelError,
     build_graph,
+    channel_mapping_holds,
     following_batchnorm,
     iter_groups,
     matches,
@@ -99,6 +100,7 @@ def prune(
         try:
             graph = build_graph(model, example_inputs)
             selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {})
+            _check_reordered_channels(model, example_inputs, selected)
             if needs_gradients(scorer):
                 _accumulate_gradients(model, gradient_fn)
             group_reports, removals = _prune_groups(
@@ -211,6 +213,18 @@ def _select_groups(
         hint = f" (they match only modules of type {', '.join(kinds)}, none of them a prunable layer)" if kinds else ""
         raise ValueError(f"module-name globs matched no prunable layer: {unused}{hint}")
     return selected, skipped
+
+
+def _check_reordered_channels(model: nn.Module, example_inputs: Any, groups: Sequence[PrunableGroup]) -> None:
+    """Groups whose channels are reshaped and transposed (outside attention) are probed before anything
+    is changed: the graph does not follow a channel permutation such as a ShuffleNet shuffle."""
+    for group in groups:
+        if group.reordered and not channel_mapping_holds(model, example_inputs, group):
+            raise UnsupportedModelError(
+                f"cannot prune the channel group of {group.root_name!r}: its channels are reshaped and their order "
+                "changed on the way to the next layer (a channel shuffle?), which the dependency graph does not "
+                "follow. Leave it out with exclude=[...] (module-name globs)."
+            )
 
 
 def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], Tensor]) -> None:

@@ -209,6 +209,29 @@ def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     prune(model, X, 0.5, exclude=["2"])  # leaving the grouped conv out works
 
 
+class ChannelShuffleNet(nn.Module):
+    """ShuffleNet's channel shuffle: a reshape and a transpose permute the channels between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        b, c, height, width = h.shape
+        h = h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width)
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+def test_channel_shuffle_is_refused_before_touching_the_model():
+    model = ChannelShuffleNet()
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="channel shuffle"):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+    prune(model, X, 0.5, exclude=["c1"])  # the group after the shuffle is fine
+
+
 class TiedEmbeddings(nn.Module):
     """A language-model head that shares its weight with the input embedding."""
 

@@ -59,6 +59,22 @@ class Conv1dNet(nn.Module):
         return self.fc(self.net(x.reshape(x.shape[0], 8, 8)).mean(-1))
 
 
+class PatchEmbedMLP(nn.Module):
+    """ViT-style: conv patches -> flatten -> transpose to tokens -> LayerNorm -> residual MLP. The stream's
+    channels are reshaped and transposed on the way (the graph's mapping is probed, and holds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, 16, 2, stride=2)
+        self.ln = nn.LayerNorm(16)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.proj(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.fc2(torch.relu(self.fc1(self.ln(tokens))))
+        return self.head(tokens.mean(1))
+
+
 def norm_stack(norm) -> nn.Module:
     """conv -> norm -> ReLU twice, then pooled logits."""
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), norm(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(8),
@@ -71,6 +87,7 @@ CASES = {
     "concat_depthwise_groupnorm_layernorm": (MixedOpsNet, {}),
     "mlp": (MLP, {}),
     "unet_transposed_conv_concat": (TinyUNet, {}),
+    "vit_patch_embedding": (PatchEmbedMLP, {}),
     "batchnorm_without_affine": (lambda: norm_stack(lambda c: nn.BatchNorm2d(c, affine=False)), {}),
     "instance_norm": (lambda: norm_stack(lambda c: nn.InstanceNorm2d(c, affine=True)), {}),
     "conv1d_batchnorm1d": (Conv1dNet, {}),
@@ -104,7 +121,8 @@ CASES = {
 # exact). In these small groups the consumer columns then dominate the paper's producer+consumer
 # features, and the twin of a removed channel need not be its nearest kept channel: their exactness
 # is asserted with producer features.
-TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d"}
+TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d",
+                          "vit_patch_embedding"}
 
 
 def _prepared(name):
