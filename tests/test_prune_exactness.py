@@ -75,6 +75,34 @@ class PatchEmbedMLP(nn.Module):
         return self.head(tokens.mean(1))
 
 
+class SwiGLUBlock(nn.Module):
+    """LLaMA-style gated MLP: down(silu(gate(x)) * up(x)) on a residual stream of tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.gate, self.up = nn.Linear(16, 32, bias=False), nn.Linear(16, 32, bias=False)
+        self.down, self.head = nn.Linear(32, 16, bias=False), nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        tokens = tokens + self.down(nn.functional.silu(self.gate(tokens)) * self.up(tokens))
+        return self.head(tokens.mean(1))
+
+
+class Conv3dNet(nn.Module):
+    """3-D convolutions with BatchNorm3d (video-style), the image read as a 2 x 8 x 4 volume."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
+                                 nn.Conv3d(8, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.net(x.reshape(x.shape[0], 1, 2, 8, 4)).mean((2, 3, 4)))
+
+
 def norm_stack(norm) -> nn.Module:
     """conv -> norm -> ReLU twice, then pooled logits."""
     return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), norm(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(8),
@@ -88,6 +116,8 @@ CASES = {
     "mlp": (MLP, {}),
     "unet_transposed_conv_concat": (TinyUNet, {}),
     "vit_patch_embedding": (PatchEmbedMLP, {}),
+    "swiglu_gated_mlp": (SwiGLUBlock, {}),
+    "conv3d_batchnorm3d": (Conv3dNet, {}),
     "batchnorm_without_affine": (lambda: norm_stack(lambda c: nn.BatchNorm2d(c, affine=False)), {}),
     "instance_norm": (lambda: norm_stack(lambda c: nn.InstanceNorm2d(c, affine=True)), {}),
     "conv1d_batchnorm1d": (Conv1dNet, {}),
@@ -122,7 +152,7 @@ CASES = {
 # features, and the twin of a removed channel need not be its nearest kept channel: their exactness
 # is asserted with producer features.
 TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d",
-                          "vit_patch_embedding"}
+                          "vit_patch_embedding", "swiglu_gated_mlp", "conv3d_batchnorm3d"}
 
 
 def _prepared(name):
