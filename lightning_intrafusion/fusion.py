@@ -166,15 +166,18 @@ def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consume
         return t / t.sum(1, keepdim=True)
 
     producer = _as(producer_merge)
-    if producer_gram is not None:
+    merging = torch.nonzero((t > 0).sum(1) > 1).flatten()  # rows that keep only themselves stay as they are
+    if producer_gram is not None and len(merging):
         g = producer_gram.to(producer)
         norms = g.diagonal().clamp_min(0).sqrt()
-        shares = t / t.sum(1, keepdim=True)
+        shares = t[merging] / t[merging].sum(1, keepdim=True)
         wanted = shares @ norms
         # ||P F|| row by row from the Gram matrix: P G P^T's diagonal, without touching the wide features
-        got = ((producer @ g) * producer).sum(1).clamp_min(0).sqrt() / producer.sum(1).abs().clamp_min(1e-12)
+        rows = producer[merging]
+        got = ((rows @ g) * rows).sum(1).clamp_min(0).sqrt() / rows.sum(1).abs().clamp_min(1e-12)
         ratio = torch.where(got > 1e-12, wanted / got.clamp_min(1e-12), torch.ones_like(got))
-        producer = producer * ratio[:, None]
+        producer = producer.clone()
+        producer[merging] = rows * ratio[:, None]
     return {"producer": producer, "consumer": _as(consumer_merge)}
 
 

@@ -195,11 +195,15 @@ def marginal(n: int, weights: Optional[Tensor] = None, like: Optional[Tensor] = 
     return w / w.sum()
 
 
-def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, config: OTConfig) -> Tensor:
+def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, config: OTConfig,
+                   identity: Optional[Tensor] = None) -> Tensor:
     """Solve the OT problem of ``config`` and return the plan ``G`` (n x k).
 
     Under ``"partial"``, rows of ``G`` may sum to less than ``source_mass``: the missing mass is
-    discarded. Raises :class:`TransportError` when the solver does not converge.
+    discarded. ``identity`` (k source indices: target ``j`` is source ``identity[j]`` itself) lets the
+    partial problem keep each such source's whole mass on itself and solve only for the others that can
+    be merged at all (a cost below the discard cost), which is what makes wide groups tractable.
+    Raises :class:`TransportError` when the solver does not converge.
     """
     n, k = cost.shape
     if source_mass.shape != (n,) or target_mass.shape != (k,):
@@ -208,24 +212,45 @@ def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, confi
         raise TransportError("cost matrix contains NaN or inf (non-finite weights in the group?)")
     if config.formulation == "balanced":
         return _solve(cost, source_mass, target_mass, config)
-    return _solve_partial(cost, source_mass, target_mass, config)
+    discard = discard_cost(cost, config)
+    if identity is None:
+        return _solve_partial(cost, source_mass, target_mass, discard, config)
+    plan = torch.zeros_like(cost)
+    targets = torch.arange(k, device=cost.device)
+    identity = identity.to(cost.device)
+    plan[identity, targets] = source_mass[identity].to(cost.dtype)
+    capacity = (target_mass.to(cost.dtype) - plan.sum(0)).clamp_min(0)
+    others = torch.ones(n, dtype=torch.bool, device=cost.device)
+    others[identity] = False
+    rows = torch.nonzero(others & (cost.min(1).values < discard)).flatten()
+    if len(rows) == 0:
+        return plan
+    cols = torch.nonzero(cost[rows].min(0).values < discard).flatten()
+    plan[rows[:, None], cols[None, :]] = _solve_partial(cost[rows][:, cols], source_mass[rows], capacity[cols], discard, config)
+    return plan
 
 
-def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tensor:
+def discard_cost(cost: Tensor, config: OTConfig) -> float:
+    """The price of discarding a source under ``"partial"``: ``max_cost``, times the median non-zero
+    cost when ``max_cost_scale="median"``."""
+    scale = 1.0
+    if config.max_cost_scale == "median":
+        positive = cost[cost > 1e-6 * cost.max().clamp_min(torch.finfo(cost.dtype).tiny)]
+        scale = float(positive.median()) if positive.numel() else scale
+    return float(config.max_cost) * scale
+
+
+def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, discard: float, config: OTConfig) -> Tensor:
     """Partial transport as a balanced problem on augmented marginals.
 
-    A dummy target (the "discard" bin, cost ``max_cost``) can absorb any source; a dummy source fills
+    A dummy target (the "discard" bin, cost ``discard``) can absorb any source; a dummy source fills
     whatever capacity of the kept channels is left unused, at no cost. Kept channels can thus absorb
     at most their balanced share, and a source is merged only where that is cheaper than discarding.
     """
     n, k = cost.shape
-    scale = cost.new_tensor(1.0)
-    if config.max_cost_scale == "median":
-        positive = cost[cost > 1e-6 * cost.max().clamp_min(torch.finfo(cost.dtype).tiny)]
-        scale = positive.median() if positive.numel() else scale
-    discard = torch.full((n, 1), float(config.max_cost), dtype=cost.dtype, device=cost.device) * scale
+    discard_column = torch.full((n, 1), discard, dtype=cost.dtype, device=cost.device)
     dummy_row = torch.zeros((1, k + 1), dtype=cost.dtype, device=cost.device)
-    augmented = torch.cat([torch.cat([cost, discard], dim=1), dummy_row], dim=0)
+    augmented = torch.cat([torch.cat([cost, discard_column], dim=1), dummy_row], dim=0)
     one = torch.ones(1, dtype=a.dtype, device=a.device)
     a_aug = torch.cat([a, one * b.sum()])
     b_aug = torch.cat([b, one * a.sum()])

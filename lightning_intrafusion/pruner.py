@@ -274,6 +274,9 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
     features = channel_features(group.slices, group.folds, ("producer",))
     transport = _expand_units(_transport(group, scores, kept, unit, config, features), unit)
     channels = _expand_index(kept, unit)
+    merged = int((transport.sum(0) > 0).sum().item()) - len(channels)
+    if merged == 0 and not (config.correct_variance and _batchnorm_after_consumers(graph, group)):
+        return 0  # every kept channel keeps only itself: nothing to merge, nothing to correct
     similarity = gram(features)  # once per group: norm preservation, BN statistics and the variance estimate share it
     mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
                           similarity if config.preserve_norm else None)
@@ -282,7 +285,7 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
         ratios = output_variance_ratios(group.slices, similarity, mats["producer"], channels, fused)
         _correct_following_batchnorms(graph, group, ratios)
     _assign(group, fused)
-    return int((transport.sum(0) > 0).sum().item()) - len(channels)
+    return merged
 
 
 def _block_size(group: PrunableGroup, channel_blocks: Mapping[str, int]) -> int:
@@ -342,7 +345,7 @@ def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, co
         weights = unit_scores[lo:hi] if config.marginals == "importance" else None
         a = ot_math.marginal(hi - lo, weights, like=cost)
         b_ = ot_math.marginal(len(targets), unit_scores[targets] if weights is not None else None, like=cost)
-        plan = ot_math.transport_plan(cost, a, b_, config)
+        plan = ot_math.transport_plan(cost, a, b_, config, identity=targets - lo)  # kept units keep themselves
         transport[rows[:, None], torch.arange(lo, hi)[None, :]] = ot_math.transport_map(plan, a).cpu()
     return transport
 
@@ -358,6 +361,11 @@ def _expand_index(kept: Tensor, unit: int) -> Tensor:
     if unit == 1:
         return kept
     return (kept[:, None] * unit + torch.arange(unit)[None, :]).reshape(-1)
+
+
+def _batchnorm_after_consumers(graph: tp.DependencyGraph, group: PrunableGroup) -> bool:
+    return any(following_batchnorm(graph, group.targets[s.key][0]) is not None
+               for s in group.slices if s.role == "consumer" and s.is_feature)
 
 
 def _correct_following_batchnorms(graph: tp.DependencyGraph, group: PrunableGroup, ratios: Dict[str, Tensor]) -> None:

@@ -46,6 +46,22 @@ def test_absolute_discard_cost_does_not_depend_on_the_other_channels():
     assert far[0, 1] == pytest.approx(0.0, abs=1e-9)
 
 
+@pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
+def test_kept_sources_keep_themselves_and_the_rest_is_solved_alone(solver):
+    """With ``identity``, the kept channels' own mass stays on them, channels that cannot be merged
+    anywhere are discarded without entering the problem, and the result matches the full problem."""
+    sources, targets = _points()  # sources 0-2 are the targets, 3-5 their near twins, 6 far from all
+    cost = feature_cost(sources, targets, p=2)
+    a, b = marginal(7, like=cost), marginal(3, like=cost)
+    config = OTConfig(formulation="partial", max_cost=0.5, solver=solver)
+    reduced = transport_plan(cost, a, b, config, identity=torch.arange(3))
+    full = transport_plan(cost, a, b, config)
+    assert torch.equal(reduced.diagonal(), a[:3])  # exact, not solved
+    assert torch.equal(reduced[6], torch.zeros(3, dtype=reduced.dtype))  # never entered the problem
+    assert torch.allclose(reduced, full, atol=1e-3 if solver == "sinkhorn" else 1e-12)
+    assert (reduced.sum(0) <= b + 1e-12).all() and (reduced.sum(1) <= a + 1e-12).all()
+
+
 def test_sinkhorn_approximates_exact_transport():
     g = torch.Generator().manual_seed(1)
     sources = torch.randn(12, 4, generator=g, dtype=torch.float64)
