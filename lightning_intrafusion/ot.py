@@ -201,8 +201,10 @@ def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, confi
 
     Under ``"partial"``, rows of ``G`` may sum to less than ``source_mass``: the missing mass is
     discarded. ``identity`` (k source indices: target ``j`` is source ``identity[j]`` itself) lets the
-    partial problem keep each such source's whole mass on itself and solve only for the others that can
-    be merged at all (a cost below the discard cost), which is what makes wide groups tractable.
+    partial problem be solved only for the sources that can matter: removed ones that can be merged at
+    all (a cost below the discard cost) and kept ones close to another target; every other kept source
+    keeps its mass on itself. The plan is optimal for the full problem (up to ties), and wide groups of
+    dissimilar channels become tractable.
     Raises :class:`TransportError` when the solver does not converge.
     """
     n, k = cost.shape
@@ -215,16 +217,25 @@ def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, confi
     discard = discard_cost(cost, config)
     if identity is None:
         return _solve_partial(cost, source_mass, target_mass, discard, config)
-    plan = torch.zeros_like(cost)
+    # Exact reduction (up to ties): a source whose every cost is at least the discard cost is discarded
+    # in an optimal plan, and a kept channel whose cost to every *other* target is at least the discard
+    # cost keeps its whole mass on itself (moving it costs at least what freeing its slot can save).
     targets = torch.arange(k, device=cost.device)
     identity = identity.to(cost.device)
-    plan[identity, targets] = source_mass[identity].to(cost.dtype)
-    capacity = (target_mass.to(cost.dtype) - plan.sum(0)).clamp_min(0)
-    others = torch.ones(n, dtype=torch.bool, device=cost.device)
-    others[identity] = False
-    rows = torch.nonzero(others & (cost.min(1).values < discard)).flatten()
-    if len(rows) == 0:
+    is_kept = torch.zeros(n, dtype=torch.bool, device=cost.device)
+    is_kept[identity] = True
+    others_cost = cost.clone()
+    others_cost[identity, targets] = float("inf")
+    movable = others_cost.min(1).values < discard  # a kept channel close to another kept channel
+    plan = torch.zeros_like(cost)
+    settled = identity[~movable[identity]]
+    plan[settled, targets[~movable[identity]]] = source_mass[settled].to(cost.dtype)
+    rows = torch.nonzero((~is_kept & (cost.min(1).values < discard)) | (is_kept & movable)).flatten()
+    if not bool((~is_kept[rows]).any()):
+        # no removed channel can be merged anywhere: every kept channel keeps itself
+        plan[identity, targets] = source_mass[identity].to(cost.dtype)
         return plan
+    capacity = (target_mass.to(cost.dtype) - plan.sum(0)).clamp_min(0)
     cols = torch.nonzero(cost[rows].min(0).values < discard).flatten()
     plan[rows[:, None], cols[None, :]] = _solve_partial(cost[rows][:, cols], source_mass[rows], capacity[cols], discard, config)
     return plan
