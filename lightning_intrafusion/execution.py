@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
+
+import torch
 
 from torch import nn
 
@@ -63,3 +65,14 @@ def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m, mode in modes.items():
             m.training = mode
+
+
+def run_with_hooks(model: nn.Module, inputs: Any, handles: Sequence[Any]) -> Any:
+    """One forward pass in eval mode without gradients, for the hooks behind ``handles`` to observe; the
+    hooks are removed and every module's mode restored afterwards, whatever happens."""
+    try:
+        with preserved_modes(model), torch.no_grad():
+            return call_model(model.eval(), inputs)
+    finally:
+        for handle in handles:
+            handle.remove()

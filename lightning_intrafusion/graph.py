@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
-from lightning_intrafusion.execution import call_model, preserved_modes
+from lightning_intrafusion.execution import preserved_modes, run_with_hooks
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
 
@@ -334,13 +334,8 @@ def channel_mapping_holds(model: nn.Module, example_inputs: Any, group: Prunable
         def capture(module: nn.Module, args: Any) -> None:
             seen["input"] = args[0].detach()
 
-        hooks = [group.root_module.register_forward_hook(perturb), consumer_module.register_forward_pre_hook(capture)]
-        try:
-            with preserved_modes(model), torch.no_grad():
-                call_model(model.eval(), example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_with_hooks(model, example_inputs, [group.root_module.register_forward_hook(perturb),
+                                               consumer_module.register_forward_pre_hook(capture)])
         return seen["input"]
 
     base = run(None)
