@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -131,11 +134,74 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
-    for tp_group in graph.get_all_groups(root_module_types=roots):
+    for root, tp_group in _tp_groups(graph, roots):
+        if tp_group is None:
+            name = names.get(root, type(root).__name__)
+            yield PrunableGroup(
+                root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name], root_module=root,
+                unsupported=(f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a cycle "
+                             "of slices and concatenations, e.g. rotary position embeddings)"),
+            )
+            continue
         yield _refuse_tied(_describe(graph, tp_group, names), tied)
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
             yield _refuse_tied(_attention_heads(name, module), tied)
+
+
+GROUP_SECONDS = 5.0  # longest a single group may take to resolve; real groups take milliseconds
+
+
+class _GroupTimeout(Exception):
+    pass
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`_GroupTimeout` inside the block after ``seconds`` (main thread with SIGALRM only;
+    elsewhere no limit). A previous alarm handler and timer are restored."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise _GroupTimeout()
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    remaining, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if remaining:
+            signal.setitimer(signal.ITIMER_REAL, remaining)
+
+
+def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...]) -> Iterator[Tuple[nn.Module, Any]]:
+    """Torch-Pruning's groups, one per root layer not yet covered by an earlier group (as its
+    ``get_all_groups``), each resolved under a time limit: a group Torch-Pruning cannot resolve (its
+    search never ends on some graphs) comes as ``(root, None)`` instead of hanging the caller."""
+    covered = set()
+    ignored = set(graph.IGNORED_LAYERS_IN_TRACING)
+    for module in list(graph.module2node):
+        if module in ignored or not isinstance(module, roots) or module in covered:
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        try:
+            with _time_limit(GROUP_SECONDS):
+                group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                list(range(pruner.get_out_channels(module))))
+        except _GroupTimeout:
+            covered.add(module)
+            yield module, None
+            continue
+        for dep, _ in group:
+            if graph.is_out_channel_pruning_fn(dep.handler):
+                covered.add(dep.target.module)
+        yield module, group
 
 
 def _tied_parameters(model: nn.Module) -> Dict[int, List[str]]:

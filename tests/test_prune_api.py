@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch_pruning
 from torch import nn
 
 from helpers import assert_same_state, randomize_batchnorm, state
@@ -424,3 +425,29 @@ def test_frozen_layers_are_pruned_and_stay_frozen():
     assert torch.equal(frozen(X), reference(X))
     assert not any(p.requires_grad for p in frozen.features.parameters())
     assert all(p.requires_grad for p in frozen.classifier.parameters())
+
+
+def test_a_group_torch_pruning_cannot_resolve_is_refused_instead_of_hanging(monkeypatch):
+    """Torch-Pruning's search never ends on some graphs (a tiny Hugging Face LLaMA with rotary embeddings
+    hangs it); such a group is reported as unsupported after a time limit, and the others prune."""
+    import time
+
+    import lightning_intrafusion.graph as graph_module
+
+    monkeypatch.setattr(graph_module, "GROUP_SECONDS", 0.2)
+    original = torch_pruning.DependencyGraph.get_pruning_group
+
+    def endless_for_fc1(self, module, fn, idxs):
+        if module is self.model[1]:
+            while True:
+                time.sleep(0.01)
+        return original(self, module, fn, idxs)
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "get_pruning_group", endless_for_fc1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match="could not resolve its dependencies within 0.2 s"):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+    report = prune(model, X, 0.5, exclude=["1"])
+    assert [(g.name, g.width_after) for g in report.groups] == [("3", 8)]
