@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.checkpoint import HISTORY_KEY
 from lightning_intrafusion.evaluation import evaluate, split_batch, to_device
-from lightning_intrafusion.execution import call_model, preserved_modes
+from lightning_intrafusion.execution import eval_forward
 from lightning_intrafusion.importance import ImportanceLike
 from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
 from lightning_intrafusion.ot import OTConfig
@@ -276,9 +276,8 @@ class IntraFusionCallback(Callback):
     def _default_metric(self, module: nn.Module, loader) -> Metric:
         if self._metric is None:
             x, _ = self.split(next(iter(loader)))
-            with preserved_modes(module), torch.no_grad():
-                one = x[:1] if isinstance(x, torch.Tensor) else x
-                classes = call_model(module.eval(), to_device(one, _device(module))).shape[-1]
+            one = x[:1] if isinstance(x, torch.Tensor) else x
+            classes = eval_forward(module, to_device(one, _device(module))).shape[-1]
             self._metric = MulticlassAccuracy(num_classes=classes, average="micro")
         return self._metric
 

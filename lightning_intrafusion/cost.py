@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lightning_intrafusion.attention import projection_width
-from lightning_intrafusion.execution import eager, run_with_hooks
+from lightning_intrafusion.execution import eager, eval_forward
 from lightning_intrafusion.surgery import transposed_linear_types
 
 
@@ -70,7 +70,7 @@ def _count(model: nn.Module, example_inputs: Any) -> Tuple[int, int]:
             total[0] += output.numel() * module.weight.shape[0]
 
     kinds = (nn.modules.conv._ConvNd, nn.Linear, nn.MultiheadAttention) + transposed_linear_types()
-    run_with_hooks(model, example_inputs,
-                   [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)])
+    eval_forward(model, example_inputs,
+                 [m.register_forward_hook(hook, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)])
     macs = total[0] // max(1, _batch_size(example_inputs))
     return int(macs), int(sum(p.numel() for p in model.parameters()))

@@ -6,7 +6,6 @@ from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
 import torch
-
 from torch import nn
 
 try:  # torch.compile's wrapper; its ``_orig_mod`` is the user's module, parameters shared
@@ -67,12 +66,12 @@ def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def run_with_hooks(model: nn.Module, inputs: Any, handles: Sequence[Any]) -> Any:
-    """One forward pass in eval mode without gradients, for the hooks behind ``handles`` to observe; the
-    hooks are removed and every module's mode restored afterwards, whatever happens."""
+def eval_forward(model: nn.Module, inputs: Any, hooks: Sequence[Any] = ()) -> Any:
+    """One forward pass in eval mode without gradients; the hooks behind the ``hooks`` handles (there to
+    observe it) are removed and every module's mode is restored afterwards, whatever happens."""
     try:
         with preserved_modes(model), torch.no_grad():
             return call_model(model.eval(), inputs)
     finally:
-        for handle in handles:
+        for handle in hooks:
             handle.remove()

@@ -21,7 +21,7 @@ from torch import nn
 
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
-from lightning_intrafusion.execution import preserved_modes, run_with_hooks
+from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
 
@@ -368,8 +368,9 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
 
 
 def _grad_fn_name(node: Any) -> str:
+    """Name of the autograd function a traced node stands for ("" for none)."""
     grad_fn = getattr(node, "grad_fn", None)
-    return type(grad_fn).__name__ if grad_fn is not None else ""
+    return grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else ""
 
 
 def channel_mapping_holds(model: nn.Module, example_inputs: Any, group: PrunableGroup) -> bool:
@@ -400,8 +401,8 @@ def channel_mapping_holds(model: nn.Module, example_inputs: Any, group: Prunable
         def capture(module: nn.Module, args: Any) -> None:
             seen["input"] = args[0].detach()
 
-        run_with_hooks(model, example_inputs, [group.root_module.register_forward_hook(perturb),
-                                               consumer_module.register_forward_pre_hook(capture)])
+        eval_forward(model, example_inputs, [group.root_module.register_forward_hook(perturb),
+                                             consumer_module.register_forward_pre_hook(capture)])
         return seen["input"]
 
     base = run(None)
@@ -418,19 +419,16 @@ def channel_mapping_holds(model: nn.Module, example_inputs: Any, group: Prunable
 def _attention_head_dim(node: Any) -> int:
     """The head size of a ``scaled_dot_product_attention`` call that the group's channels flow into
     (its saved query is ``(..., heads, tokens, head_dim)``), or 0."""
-    grad_fn = getattr(node, "grad_fn", None)
-    name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else ""
-    query = getattr(grad_fn, "_saved_query", None) if "ScaledDotProduct" in name else None
+    query = getattr(node.grad_fn, "_saved_query", None) if "ScaledDotProduct" in _grad_fn_name(node) else None
     return int(query.shape[-1]) if isinstance(query, torch.Tensor) and query.dim() >= 3 else 0
 
 
 def _activation_matmul(node: Any) -> bool:
     """A batched matrix product of two activations (attention scores or weighted values written out
     with ``@``), as opposed to a layer applying its weights."""
-    grad_fn = getattr(node, "grad_fn", None)
-    if node.type != _OPTYPE.ELEMENTWISE or grad_fn is None or not grad_fn.name().startswith("BmmBackward"):
+    if node.type != _OPTYPE.ELEMENTWISE or not _grad_fn_name(node).startswith("BmmBackward"):
         return False
-    return all(f is not None and "AccumulateGrad" not in f.name() for f, _ in grad_fn.next_functions)
+    return all(f is not None and "AccumulateGrad" not in f.name() for f, _ in node.grad_fn.next_functions)
 
 
 def _has_stats(module: nn.Module) -> bool:

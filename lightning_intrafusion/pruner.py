@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.cost import count_macs_and_params
-from lightning_intrafusion.execution import call_model, eager, preserved_modes
+from lightning_intrafusion.execution import eager, eval_forward
 from lightning_intrafusion.fusion import (
     channel_correlation,
     channel_features,
@@ -141,8 +141,7 @@ def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, i
 
 def _output_shapes(model: nn.Module, example_inputs: Any) -> List[Tuple[int, ...]]:
     try:
-        with preserved_modes(model), torch.no_grad():
-            out = call_model(model.eval(), example_inputs)
+        out = eval_forward(model, example_inputs)
     except Exception as err:
         raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
     return [tuple(t.shape) for t in _tensors(out)]

@@ -46,17 +46,20 @@ class TinyUNet(nn.Module):
         return self.out(self.d1(torch.cat([skip, self.up(self.e2(skip))], 1)))
 
 
-class Conv1dNet(nn.Module):
-    """1-D convolutions with BatchNorm1d over the rows of the image (audio-style)."""
+class ConvStack(nn.Module):
+    """conv -> norm -> ReLU twice, then the mean over positions into a linear classifier; the 8x8 image is
+    viewed as ``shape`` per sample (rows as channels for 1-D convs, a 2 x 8 x 4 volume for 3-D ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conv, norm, shape) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
-                                 nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU())
-        self.fc = nn.Linear(16, 10)
+        self.shape = shape
+        self.net = nn.Sequential(conv(shape[0], 8, 3, padding=1), norm(8), nn.ReLU(),
+                                 conv(8, 8, 3, padding=1), norm(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
 
     def forward(self, x):
-        return self.fc(self.net(x.reshape(x.shape[0], 8, 8)).mean(-1))
+        features = self.net(x.reshape(x.shape[0], *self.shape))
+        return self.fc(features.flatten(2).mean(-1))
 
 
 class PatchEmbedMLP(nn.Module):
@@ -90,25 +93,6 @@ class SwiGLUBlock(nn.Module):
         return self.head(tokens.mean(1))
 
 
-class Conv3dNet(nn.Module):
-    """3-D convolutions with BatchNorm3d (video-style), the image read as a 2 x 8 x 4 volume."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(),
-                                 nn.Conv3d(8, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
-        self.fc = nn.Linear(8, 10)
-
-    def forward(self, x):
-        return self.fc(self.net(x.reshape(x.shape[0], 1, 2, 8, 4)).mean((2, 3, 4)))
-
-
-def norm_stack(norm) -> nn.Module:
-    """conv -> norm -> ReLU twice, then pooled logits."""
-    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), norm(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), norm(8),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
-
-
 CASES = {
     "vgg": (lambda: SmallVGG(width=8), {}),
     "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
@@ -117,10 +101,10 @@ CASES = {
     "unet_transposed_conv_concat": (TinyUNet, {}),
     "vit_patch_embedding": (PatchEmbedMLP, {}),
     "swiglu_gated_mlp": (SwiGLUBlock, {}),
-    "conv3d_batchnorm3d": (Conv3dNet, {}),
-    "batchnorm_without_affine": (lambda: norm_stack(lambda c: nn.BatchNorm2d(c, affine=False)), {}),
-    "instance_norm": (lambda: norm_stack(lambda c: nn.InstanceNorm2d(c, affine=True)), {}),
-    "conv1d_batchnorm1d": (Conv1dNet, {}),
+    "conv3d_batchnorm3d": (lambda: ConvStack(nn.Conv3d, nn.BatchNorm3d, (1, 2, 8, 4)), {}),
+    "batchnorm_without_affine": (lambda: ConvStack(nn.Conv2d, lambda c: nn.BatchNorm2d(c, affine=False), (1, 8, 8)), {}),
+    "instance_norm": (lambda: ConvStack(nn.Conv2d, lambda c: nn.InstanceNorm2d(c, affine=True), (1, 8, 8)), {}),
+    "conv1d_batchnorm1d": (lambda: ConvStack(nn.Conv1d, nn.BatchNorm1d, (8, 8)), {}),
     # inverted residuals: depthwise convs between two BNs inside a group, residual streams
     "mobilenet": (lambda: SmallMobileNet(width=8), {}),
     # ... with squeeze-and-excitation: the gate multiplies the depthwise output channel by channel
