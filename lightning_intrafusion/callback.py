@@ -49,7 +49,8 @@ class IntraFusionCallback(Callback):
             a ``{event: sparsity}`` mapping, or a callable ``(event, num_events) -> sparsity``.
             Sparsities are cumulative, relative to the original widths.
         method: ``"intrafusion"`` or ``"default"`` (plain pruning).
-        importance / ot_config / include / exclude / channel_blocks: passed to :func:`prune`.
+        importance / ot_config / include / exclude / channel_blocks / on_unsupported: passed to
+            :func:`prune` (``on_unsupported="skip"`` prunes what can be pruned exactly and leaves the rest).
         compare_default: also measure plain pruning of the same channels (on a copy) at each event.
         recalibrate_batches: if > 0, re-estimate BatchNorm statistics on that many recent training
             batches after fusion and measure again (reported separately).
@@ -74,6 +75,7 @@ class IntraFusionCallback(Callback):
         include: Optional[Sequence[str]] = None,
         exclude: Optional[Sequence[str]] = None,
         channel_blocks: Optional[Mapping[str, int]] = None,
+        on_unsupported: str = "raise",
         compare_default: bool = True,
         recalibrate_batches: int = 0,
         metric: Optional[Metric] = None,
@@ -88,6 +90,8 @@ class IntraFusionCallback(Callback):
             raise ValueError(f"unit must be 'epoch' or 'step', got {unit!r}")
         if method not in ("intrafusion", "default"):
             raise ValueError(f"Unknown method {method!r}; expected 'intrafusion' or 'default'")
+        if on_unsupported not in ("raise", "skip"):
+            raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
         if recalibrate_batches < 0:
             raise ValueError(f"recalibrate_batches must be >= 0, got {recalibrate_batches}")
         self.events = self._event_points(start, end, every, epochs)
@@ -97,7 +101,7 @@ class IntraFusionCallback(Callback):
         self.sparsities = check_monotone(self.schedule, len(self.events))
         self.method = method
         self.prune_kwargs = dict(importance=importance, ot_config=ot_config, include=include, exclude=exclude,
-                                 channel_blocks=channel_blocks)
+                                 channel_blocks=channel_blocks, on_unsupported=on_unsupported)
         self.compare_default = compare_default
         self.recalibrate_batches = int(recalibrate_batches)
         self.metric = metric
@@ -122,7 +126,7 @@ class IntraFusionCallback(Callback):
                 "sparsities": list(self.sparsities), "method": self.method,
                 "importance": str(self.prune_kwargs["importance"]), "ot_config": ot.to_dict(),
                 "include": self.prune_kwargs["include"], "exclude": self.prune_kwargs["exclude"],
-                "compare_default": self.compare_default, "recalibrate_batches": self.recalibrate_batches}
+                "on_unsupported": self.prune_kwargs["on_unsupported"], "compare_default": self.compare_default, "recalibrate_batches": self.recalibrate_batches}
 
     @staticmethod
     def _event_points(start: int, end: Optional[int], every: int, epochs: Optional[Sequence[int]]) -> List[int]:

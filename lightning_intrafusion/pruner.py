@@ -7,6 +7,7 @@ Knows Torch-Pruning (through :mod:`lightning_intrafusion.graph`); knows nothing 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -36,7 +37,7 @@ from lightning_intrafusion.graph import (
 )
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
 from lightning_intrafusion.ot import OTConfig
-from lightning_intrafusion.report import GroupReport, PruneReport
+from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport
 from lightning_intrafusion.snapshot import ModelSnapshot
 from lightning_intrafusion.surgery import Removal, apply_removals, complement, merge_removals
 
@@ -57,6 +58,7 @@ def prune(
     reference_widths: Optional[Mapping[str, int]] = None,
     channel_blocks: Optional[Mapping[str, int]] = None,
     gradient_fn: Optional[Callable[[nn.Module], Tensor]] = None,
+    on_unsupported: str = "raise",
 ) -> PruneReport:
     """Structurally prune ``model`` in place and return a :class:`PruneReport`.
 
@@ -81,10 +83,16 @@ def prune(
             (e.g. ``{"*.attn.q": head_dim, "*.attn.k": head_dim, "*.attn.v": head_dim}``): whole blocks
             are kept, removed and merged.
         gradient_fn: ``fn(model) -> loss``; called once and back-propagated for gradient importances.
+        on_unsupported: what to do with a group that cannot be pruned exactly (a channel shuffle, packed
+            qkv heads, tied parameters, ...): ``"raise"`` (default) refuses the whole step with an
+            :class:`UnsupportedModelError` naming it; ``"skip"`` leaves such groups unpruned, prunes the
+            others, lists them in ``report.skipped`` (reason prefixed ``"unsupported: "``) and warns once.
 
     The step is all or nothing: on any error the model is restored exactly and the error re-raised.
     """
     _check_arguments(model, sparsity, method, ot_config, include, exclude)
+    if on_unsupported not in ("raise", "skip"):
+        raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
     ot_config = ot_config or OTConfig()
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
@@ -99,8 +107,8 @@ def prune(
         snapshot = ModelSnapshot(model)
         try:
             graph = build_graph(model, example_inputs)
-            selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {})
-            _check_reordered_channels(model, example_inputs, selected)
+            selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {}, on_unsupported)
+            selected = _check_reordered_channels(model, example_inputs, selected, on_unsupported, skipped)
             if needs_gradients(scorer):
                 _accumulate_gradients(model, gradient_fn)
             group_reports, removals = _prune_groups(
@@ -118,11 +126,16 @@ def prune(
             if needs_gradients(scorer):
                 model.zero_grad(set_to_none=True)
         macs_after, params_after = count_macs_and_params(model, example_inputs)
-        return PruneReport(
+        report = PruneReport(
             method=method, sparsity=float(sparsity), params_before=params_before, params_after=params_after,
             macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
             groups=group_reports, skipped=skipped, calibrated=calibrated, removals=[list(r) for r in removals],
         )
+        if report.unsupported:
+            listing = "; ".join(f"{name!r} ({why[len(UNSUPPORTED):]})" for name, why in report.unsupported.items())
+            warnings.warn(f"prune(on_unsupported='skip') left {len(report.unsupported)} channel group(s) "
+                          f"unpruned: {listing}", stacklevel=2)
+        return report
 
 
 def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, include: Any, exclude: Any) -> None:
@@ -174,7 +187,7 @@ def _tensors(obj: Any) -> List[Tensor]:
 
 def _select_groups(
     graph: tp.DependencyGraph, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
-    channel_blocks: Mapping[str, int],
+    channel_blocks: Mapping[str, int], on_unsupported: str = "raise",
 ) -> Tuple[List[PrunableGroup], Dict[str, str]]:
     """Names of the groups to prune (validated, before anything is modified) and why others are not."""
     selected: List[PrunableGroup] = []
@@ -194,17 +207,14 @@ def _select_groups(
             skipped[group.root_name] = "matched by exclude"
             continue
         if group.hidden_heads and not any(matches(p, [g]) for g in channel_blocks for p in group.producers):
-            raise UnsupportedModelError(
-                f"cannot prune the channel group of {group.root_name!r}: its channels meet in a matrix product of "
-                "activations (attention written with explicit matmuls?), whose head size the graph cannot see. "
-                f"Pass channel_blocks={{{(group.producers or [group.root_name])[0]!r}: head_dim}} "
-                "to prune whole heads, or leave it out with exclude=[...]."
-            )
+            _refuse(group, "its channels meet in a matrix product of activations (attention written with explicit "
+                           "matmuls?), whose head size the graph cannot see", on_unsupported, skipped,
+                    advice=f"Pass channel_blocks={{{(group.producers or [group.root_name])[0]!r}: head_dim}} to prune "
+                           "whole heads, or leave it out with exclude=[...]")
+            continue
         if group.unsupported:
-            raise UnsupportedModelError(
-                f"cannot prune the channel group of {group.root_name!r}: {group.unsupported}. "
-                "Leave it out with exclude=[...] (module-name globs)."
-            )
+            _refuse(group, group.unsupported, on_unsupported, skipped)
+            continue
         selected.append(group)
     unused = [p for p, hit in used.items() if not hit]
     if unused:
@@ -214,16 +224,28 @@ def _select_groups(
     return selected, skipped
 
 
-def _check_reordered_channels(model: nn.Module, example_inputs: Any, groups: Sequence[PrunableGroup]) -> None:
+def _check_reordered_channels(model: nn.Module, example_inputs: Any, groups: Sequence[PrunableGroup],
+                              on_unsupported: str, skipped: Dict[str, str]) -> List[PrunableGroup]:
     """Groups whose channels are reshaped and transposed (outside attention) are probed before anything
-    is changed: the graph does not follow a channel permutation such as a ShuffleNet shuffle."""
+    is changed: the graph does not follow a channel permutation such as a ShuffleNet shuffle. Returns
+    the groups that may be pruned."""
+    kept = []
     for group in groups:
         if group.reordered and not channel_mapping_holds(model, example_inputs, group):
-            raise UnsupportedModelError(
-                f"cannot prune the channel group of {group.root_name!r}: its channels are reshaped and their order "
-                "changed on the way to the next layer (a channel shuffle?), which the dependency graph does not "
-                "follow. Leave it out with exclude=[...] (module-name globs)."
-            )
+            _refuse(group, "its channels are reshaped and their order changed on the way to the next layer (a "
+                           "channel shuffle?), which the dependency graph does not follow", on_unsupported, skipped)
+        else:
+            kept.append(group)
+    return kept
+
+
+def _refuse(group: PrunableGroup, reason: str, on_unsupported: str, skipped: Dict[str, str],
+            advice: str = "Leave it out with exclude=[...] (module-name globs)") -> None:
+    """Raise :class:`UnsupportedModelError` for a group that cannot be pruned exactly, or (``"skip"``)
+    record it in ``skipped``."""
+    if on_unsupported == "raise":
+        raise UnsupportedModelError(f"cannot prune the channel group of {group.root_name!r}: {reason}. {advice}.")
+    skipped[group.root_name] = UNSUPPORTED + reason
 
 
 def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], Tensor]) -> None:

@@ -17,6 +17,9 @@ class GroupReport:
     members: List[str] = field(default_factory=list)
 
 
+UNSUPPORTED = "unsupported: "  # prefix of the reason a skipped group could not be pruned exactly
+
+
 @dataclass
 class PruneReport:
     """The outcome of :func:`lightning_intrafusion.prune`."""
@@ -64,10 +67,16 @@ class PruneReport:
                    mac_reduction=self.mac_reduction)
         return out
 
+    @property
+    def unsupported(self) -> Dict[str, str]:
+        """Groups left unpruned because they cannot be pruned exactly (``on_unsupported="skip"``)."""
+        return {name: why for name, why in self.skipped.items() if why.startswith(UNSUPPORTED)}
+
     def __str__(self) -> str:
+        left = f", {len(self.unsupported)} unsupported groups left unpruned" if self.unsupported else ""
         return (
             f"{self.method}: sparsity {self.achieved_sparsity:.1%} over {len(self.groups)} groups, "
             f"params {self.params_before:,} -> {self.params_after:,} (-{self.param_reduction:.1%}), "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} (-{self.mac_reduction:.1%}), "
-            f"{self.seconds:.3f}s"
+            f"{self.seconds:.3f}s{left}"
         )

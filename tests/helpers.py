@@ -79,3 +79,17 @@ def assert_same_state(a: dict, b: dict) -> None:
         else:
             assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, k
             assert torch.equal(a[k], b[k]), k
+
+
+class ChannelShuffleNet(nn.Module):
+    """ShuffleNet's channel shuffle: a reshape and a transpose permute the channels between two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        b, c, height, width = h.shape
+        h = h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width)
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))

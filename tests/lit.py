@@ -4,6 +4,7 @@ import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
 
+from helpers import ChannelShuffleNet
 from lightning_intrafusion.models import SmallTransformer, SmallVGG
 
 
@@ -12,8 +13,11 @@ class LitClassifier(pl.LightningModule):
                  arch: str = "vgg"):
         super().__init__()
         self.save_hyperparameters()
-        # "transformer": nn.MultiheadAttention blocks, whose heads the callback can remove
-        self.net = SmallVGG(width=width) if arch == "vgg" else SmallTransformer(dim=32, heads=4, mlp=64, attention="torch")
+        # "transformer": nn.MultiheadAttention blocks, whose heads the callback can remove;
+        # "shuffle": a channel shuffle, one of whose groups cannot be pruned exactly
+        nets = {"vgg": lambda: SmallVGG(width=width), "shuffle": ChannelShuffleNet,
+                "transformer": lambda: SmallTransformer(dim=32, heads=4, mlp=64, attention="torch")}
+        self.net = nets[arch]()
 
     def forward(self, x):
         return self.net(x)

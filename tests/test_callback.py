@@ -119,12 +119,32 @@ def test_attention_heads_pruned_during_fit_and_restored_from_checkpoint(tmp_path
     assert torch.equal(model(x), restored(x))
 
 
+def test_fit_skips_a_group_that_cannot_be_pruned_exactly(tmp_path):
+    """on_unsupported="skip": a channel shuffle's group stays whole, the rest is pruned at every event,
+    and the checkpoint replays the pruned architecture."""
+    pl.seed_everything(0)
+    model = LitClassifier(arch="shuffle", optimizer="adam", lr=3e-3, scheduler=False)
+    cb = IntraFusionCallback(target_sparsity=0.5, epochs=[1, 2], schedule="linear", on_unsupported="skip")
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb, checkpoint], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    with pytest.warns(UserWarning, match="left 1 channel group.*'net.c1'"):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert cb.fired == 2
+    assert (model.net.c1.out_channels, model.net.c2.out_channels, model.net.fc.in_features) == (8, 4, 4)
+    restored = restore_pruned(LitClassifier(arch="shuffle"), str(tmp_path / "ckpt" / "last.ckpt"))
+    x = torch.randn(4, 1, 8, 8)
+    model.eval(), restored.eval()
+    assert torch.equal(model(x), restored(x))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(target_sparsity=1.0), "target_sparsity"),
     (dict(target_sparsity=-0.1), "target_sparsity"),
     (dict(target_sparsity=0.5, start=4, end=2), "before start"),
     (dict(target_sparsity=0.5, schedule="zigzag"), "Unknown schedule"),
     (dict(target_sparsity=0.5, unit="minute"), "unit"),
+    (dict(target_sparsity=0.5, on_unsupported="ignore"), "on_unsupported"),
     (dict(target_sparsity=0.5, schedule=lambda i, n: 0.5 - 0.1 * i, start=1, end=2), "decreases"),
 ])
 def test_bad_configuration_fails_at_construction(kwargs, match):

@@ -67,6 +67,18 @@ def test_packed_attention_and_tied_width_are_refused():
         prune(model, {"input_ids": inputs["input_ids"]}, 0.5, include=MLP)
 
 
+def test_one_call_prunes_what_can_be_pruned_when_told_to_skip_the_rest():
+    model, inputs = _gpt2()
+    with pytest.warns(UserWarning, match="left 3 channel group"):
+        report = prune(model, inputs, 0.5, on_unsupported="skip")
+    assert sorted(g.name for g in report.groups) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert sorted(report.unsupported) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn",
+                                          "transformer.h.1.mlp.c_proj"]
+    assert "wte.weight = lm_head.weight" in report.unsupported["transformer.h.1.mlp.c_proj"]
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model(**inputs).logits.shape == (2, 8, 50)
+
+
 def test_square_conv1d_pruned_on_both_sides_keeps_matching_optimizer_state():
     """Both sides of a square (in, out) weight lose equally many channels: which dim is which must
     come from the layer, not from the counts."""

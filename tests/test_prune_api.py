@@ -7,7 +7,7 @@ import torch
 import torch_pruning
 from torch import nn
 
-from helpers import assert_same_state, randomize_batchnorm, state
+from helpers import ChannelShuffleNet, assert_same_state, randomize_batchnorm, state
 from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
@@ -210,20 +210,6 @@ def test_unsupported_layers_refused_before_touching_the_model(layer, match):
     prune(model, X, 0.5, exclude=["2"])  # leaving the grouped conv out works
 
 
-class ChannelShuffleNet(nn.Module):
-    """ShuffleNet's channel shuffle: a reshape and a transpose permute the channels between two convs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1, self.c2, self.fc = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 10)
-
-    def forward(self, x):
-        h = torch.relu(self.c1(x))
-        b, c, height, width = h.shape
-        h = h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width)
-        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
-
-
 def test_channel_shuffle_is_refused_before_touching_the_model():
     model = ChannelShuffleNet()
     before = state(model)
@@ -231,6 +217,37 @@ def test_channel_shuffle_is_refused_before_touching_the_model():
         prune(model, X, 0.5)
     assert_same_state(before, state(model))
     prune(model, X, 0.5, exclude=["c1"])  # the group after the shuffle is fine
+
+
+def test_unsupported_groups_can_be_skipped_and_are_reported():
+    model = ChannelShuffleNet()
+    with pytest.warns(UserWarning, match=r"left 1 channel group\(s\) unpruned: 'c1' \(its channels are reshaped.*channel shuffle"):
+        report = prune(model, X, 0.5, on_unsupported="skip")
+    assert report.unsupported == {"c1": report.skipped["c1"]} and "channel shuffle" in report.skipped["c1"]
+    assert [(g.name, g.width_after) for g in report.groups] == [("c2", 4)]
+    assert model.c1.out_channels == 8 and model.c2.out_channels == 4 and model.fc.in_features == 4
+    assert model(X).shape == (len(X), 10)
+    assert "1 unsupported groups left unpruned" in str(report)
+
+
+def test_skipping_unsupported_groups_does_not_hide_a_failing_step():
+    """Skipping decides before anything changes; a step that breaks the model is still rolled back."""
+    model = PackedQKVNet()
+    before = state(model)
+    with pytest.raises(RuntimeError, match="no longer runs.*rolled back"):
+        prune(model, X, 0.5, on_unsupported="skip")  # qkv heads skipped; the embedding width still breaks
+    assert_same_state(before, state(model))
+    with pytest.warns(UserWarning, match="'qkv'"):
+        report = prune(model, X, 0.5, exclude=["embed"], on_unsupported="skip")
+    assert "qkv" in report.unsupported and model(X).shape == (len(X), 10)
+
+
+def test_unknown_on_unsupported_is_rejected_before_touching_the_model():
+    model = ChannelShuffleNet()
+    before = state(model)
+    with pytest.raises(ValueError, match="on_unsupported must be 'raise' or 'skip', got 'ignore'"):
+        prune(model, X, 0.5, on_unsupported="ignore")
+    assert_same_state(before, state(model))
 
 
 class TiedEmbeddings(nn.Module):
