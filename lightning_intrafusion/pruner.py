@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -104,17 +105,19 @@ def prune(
         start = time.perf_counter()
         output_before = _output_shapes(model, example_inputs)
         macs_before, params_before = count_macs_and_params(model, example_inputs)
+        step = _Step(example_inputs, output_before, sparsity, method, scorer, ot_config, include, exclude,
+                     channel_blocks or {}, reference_widths or {}, gradient_fn, on_unsupported)
         snapshot = ModelSnapshot(model)
         try:
-            graph = build_graph(model, example_inputs)
-            selected, skipped = _select_groups(graph, include, exclude, channel_blocks or {}, on_unsupported)
-            selected = _check_reordered_channels(model, example_inputs, selected, on_unsupported, skipped)
-            if needs_gradients(scorer):
-                _accumulate_gradients(model, gradient_fn)
-            group_reports, removals = _prune_groups(
-                graph, selected, sparsity, method, scorer, ot_config, reference_widths or {}, channel_blocks or {}
-            )
-            _check_still_runs(model, example_inputs, output_before)
+            try:
+                group_reports, removals, skipped = step.run(model)
+            except ForwardBrokenError:
+                if on_unsupported == "raise":
+                    raise
+                # a width the forward depends on outside the graph (e.g. a reshape to the embedding width):
+                # find the groups that break it, one at a time, and prune the others
+                snapshot.restore()
+                group_reports, removals, skipped = step.run(model, leave_out=step.groups_breaking_the_forward(model))
             calibrated = False
             if calibration_data is not None:
                 recalibrate_batchnorm(model, calibration_data, calibration_batches)
@@ -136,6 +139,69 @@ def prune(
             warnings.warn(f"prune(on_unsupported='skip') left {len(report.unsupported)} channel group(s) "
                           f"unpruned: {listing}", stacklevel=2)
         return report
+
+
+class ForwardBrokenError(RuntimeError):
+    """The pruned model no longer runs on the example inputs (the step is rolled back); ``reason`` is the
+    forward's own error."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class _Step:
+    """One pruning step's settings; :meth:`run` decides, fuses and removes on a model (no rollback: the
+    caller holds the snapshot)."""
+
+    example_inputs: Any
+    output_before: List[Tuple[int, ...]]
+    sparsity: float
+    method: str
+    scorer: Any
+    ot_config: OTConfig
+    include: Optional[Sequence[str]]
+    exclude: Optional[Sequence[str]]
+    channel_blocks: Mapping[str, int]
+    reference_widths: Mapping[str, int]
+    gradient_fn: Optional[Callable[[nn.Module], Tensor]]
+    on_unsupported: str
+
+    def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
+        graph = build_graph(model, self.example_inputs)
+        selected, skipped = _select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported)
+        selected = _check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
+        return graph, selected, skipped
+
+    def run(self, model: nn.Module, leave_out: Optional[Mapping[str, str]] = None, only: Optional[str] = None
+            ) -> Tuple[List[GroupReport], List[Removal], Dict[str, str]]:
+        """Prune the selected groups, except those in ``leave_out`` (``{root: reason}``, reported as
+        skipped), or only the group ``only``; raises :class:`ForwardBrokenError` if the result no longer runs."""
+        graph, selected, skipped = self.select(model)
+        skipped.update({g.root_name: leave_out[g.root_name] for g in selected if g.root_name in (leave_out or {})})
+        selected = [g for g in selected if g.root_name not in skipped and only in (None, g.root_name)]
+        if needs_gradients(self.scorer):
+            _accumulate_gradients(model, self.gradient_fn)
+        group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
+                                                self.reference_widths, self.channel_blocks)
+        _check_still_runs(model, self.example_inputs, self.output_before)
+        return group_reports, removals, skipped
+
+    def groups_breaking_the_forward(self, model: nn.Module) -> Dict[str, str]:
+        """Every selected group pruned on its own (and rolled back): those after which the model no longer
+        runs, with the reason to report."""
+        breaking = {}
+        for group in self.select(model)[1]:
+            trial = ModelSnapshot(model)
+            try:
+                self.run(model, only=group.root_name)
+            except ForwardBrokenError as err:
+                breaking[group.root_name] = (f"{UNSUPPORTED}pruning it breaks the model's forward ({err.reason}), "
+                                             "which depends on its width outside the dependency graph")
+            finally:
+                trial.restore()
+        return breaking
 
 
 def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, include: Any, exclude: Any) -> None:
@@ -164,10 +230,12 @@ def _check_still_runs(model: nn.Module, example_inputs: Any, output_before: List
     try:
         output_after = _output_shapes(model, example_inputs)
     except ValueError as err:
-        raise RuntimeError(
+        raise ForwardBrokenError(
             f"the pruned model no longer runs ({err.__cause__}); its forward depends on a layer width that "
             "the dependency graph does not show (e.g. a reshape to a fixed number of heads). The step was "
-            "rolled back; leave those layers out with exclude=[...] or include=[...]"
+            "rolled back; leave those layers out with exclude=[...] or include=[...], or pass "
+            "on_unsupported='skip' to find and leave out the groups concerned",
+            reason=f"{type(err.__cause__).__name__}: {err.__cause__}",
         ) from err
     if output_after != output_before:
         raise RuntimeError("pruning changed the model's output shape; the step was rolled back")

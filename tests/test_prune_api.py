@@ -230,16 +230,16 @@ def test_unsupported_groups_can_be_skipped_and_are_reported():
     assert "1 unsupported groups left unpruned" in str(report)
 
 
-def test_skipping_unsupported_groups_does_not_hide_a_failing_step():
-    """Skipping decides before anything changes; a step that breaks the model is still rolled back."""
+def test_skipping_finds_the_groups_that_break_the_forward():
+    """The reshape to the input's width ties the embedding width to the heads, which the graph cannot
+    see; with on_unsupported="skip" each group is tried alone, that one is left whole, the MLP is pruned."""
     model = PackedQKVNet()
-    before = state(model)
-    with pytest.raises(RuntimeError, match="no longer runs.*rolled back"):
-        prune(model, X, 0.5, on_unsupported="skip")  # qkv heads skipped; the embedding width still breaks
-    assert_same_state(before, state(model))
-    with pytest.warns(UserWarning, match="'qkv'"):
-        report = prune(model, X, 0.5, exclude=["embed"], on_unsupported="skip")
-    assert "qkv" in report.unsupported and model(X).shape == (len(X), 10)
+    with pytest.warns(UserWarning, match="left 2 channel group"):
+        report = prune(model, X, 0.5, on_unsupported="skip")
+    assert [(g.name, g.width_after) for g in report.groups] == [("fc1", 32)]
+    assert sorted(report.unsupported) == ["fc2", "qkv"]  # the embedding width's group is named after fc2
+    assert "pruning it breaks the model's forward (RuntimeError: " in report.unsupported["fc2"]
+    assert model.embed.out_features == 32 and model.qkv.out_features == 96 and model(X).shape == (len(X), 10)
 
 
 def test_unknown_on_unsupported_is_rejected_before_touching_the_model():
@@ -278,7 +278,8 @@ def test_tied_weights_are_refused_and_stay_tied():
 
 
 class PackedQKVNet(nn.Module):
-    """timm-style attention: one qkv linear, reshaped to a fixed number of heads of size C // heads."""
+    """timm-style attention: one qkv linear, reshaped to a fixed number of heads of size C // heads,
+    and an MLP."""
 
     def __init__(self, dim: int = 32, heads: int = 4) -> None:
         super().__init__()
@@ -286,6 +287,7 @@ class PackedQKVNet(nn.Module):
         self.embed = nn.Linear(8, dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x):
@@ -293,7 +295,8 @@ class PackedQKVNet(nn.Module):
         b, n, c = t.shape
         q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
-        return self.head((t + self.proj(a)).mean(1))
+        t = t + self.proj(a)
+        return self.head((t + self.fc2(torch.relu(self.fc1(t)))).mean(1))
 
 
 def test_packed_qkv_heads_are_refused_and_a_hidden_width_dependency_rolls_back():
