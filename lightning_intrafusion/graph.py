@@ -134,14 +134,11 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
-    for root, tp_group in _tp_groups(graph, roots):
-        if tp_group is None:
+    for root, tp_group in _tp_groups(graph, roots, names):
+        if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
-            yield PrunableGroup(
-                root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name], root_module=root,
-                unsupported=(f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a cycle "
-                             "of slices and concatenations, e.g. rotary position embeddings)"),
-            )
+            yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
+                                root_module=root, unsupported=tp_group)
             continue
         yield _refuse_tied(_describe(graph, tp_group, names), tied)
     for name, module in graph.model.named_modules():
@@ -178,17 +175,28 @@ def _time_limit(seconds: float) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, remaining)
 
 
-def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...]) -> Iterator[Tuple[nn.Module, Any]]:
+def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[nn.Module, str]
+               ) -> Iterator[Tuple[nn.Module, Any]]:
     """Torch-Pruning's groups, one per root layer not yet covered by an earlier group (as its
-    ``get_all_groups``), each resolved under a time limit: a group Torch-Pruning cannot resolve (its
-    search never ends on some graphs) comes as ``(root, None)`` instead of hanging the caller."""
+    ``get_all_groups``), each resolved under a time limit. A group Torch-Pruning cannot resolve (its search
+    never ends on some graphs) comes as ``(root, reason)`` instead of hanging the caller, and so do, at
+    once, the groups of layers of the same type at the same place in other repeated blocks (the same name
+    up to block indices: ``layers.*.attn.q``), which would only spend the same time to fail the same way."""
     covered = set()
     ignored = set(graph.IGNORED_LAYERS_IN_TRACING)
+    timed_out: Dict[Tuple[type, str], str] = {}
     for module in list(graph.module2node):
         if module in ignored or not isinstance(module, roots) or module in covered:
             continue
         pruner = graph.get_pruner_of_module(module)
         if pruner is None or pruner.get_out_channels(module) is None:
+            continue
+        name = names.get(module, "")
+        like = (type(module), _block_pattern(name))
+        if like[1] is not None and like in timed_out:
+            covered.add(module)
+            yield module, (f"Torch-Pruning could not resolve the dependencies of {timed_out[like]!r} within "
+                           f"{GROUP_SECONDS:g} s, and this layer has the same place in another repeated block")
             continue
         try:
             with _time_limit(GROUP_SECONDS):
@@ -196,12 +204,23 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...]) -> Iterator[T
                                                 list(range(pruner.get_out_channels(module))))
         except _GroupTimeout:
             covered.add(module)
-            yield module, None
+            timed_out[like] = name
+            yield module, (f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a cycle "
+                           "of slices and concatenations, e.g. rotary position embeddings)")
             continue
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):
                 covered.add(dep.target.module)
         yield module, group
+
+
+def _block_pattern(name: str) -> Optional[str]:
+    """A layer's place in a repeated block: its name with the block indices replaced by ``*``
+    (``model.layers.3.self_attn.q_proj`` -> ``model.layers.*.self_attn.q_proj``); ``None`` for a layer
+    that is not inside an indexed block (``fc2``, or ``features.3`` of a plain Sequential)."""
+    parts = name.split(".")
+    inside_block = any(p.isdigit() and not q.isdigit() for p, q in zip(parts, parts[1:]))
+    return ".".join("*" if p.isdigit() else p for p in parts) if inside_block else None
 
 
 def _tied_parameters(model: nn.Module) -> Dict[int, List[str]]:

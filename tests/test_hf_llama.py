@@ -47,14 +47,22 @@ def test_mlps_and_rmsnorm_hidden_width_fuse_exactly_and_attention_is_left_whole(
 
 def test_grouped_query_attention_groups_time_out_and_the_rest_prunes(monkeypatch):
     """With fewer key/value heads than query heads Torch-Pruning's group search never ends on the
-    attention groups; each is given up after the time limit and reported, the others prune."""
+    attention groups. Those of the first layer are given up after the time limit; the same projections
+    of the next layer are refused at once, without waiting again; the other groups prune."""
     import lightning_intrafusion.graph as graph_module
 
     monkeypatch.setattr(graph_module, "GROUP_SECONDS", 0.5)
     model, inputs = _llama(kv_heads=2)
     with pytest.warns(UserWarning, match="left 6 channel group"):
         report = prune(model, inputs, 0.5, on_unsupported="skip")
-    assert all("could not resolve its dependencies within 0.5 s" in why for why in report.unsupported.values())
+    first, second = "model.layers.0.self_attn.", "model.layers.1.self_attn."
+    assert sorted(report.unsupported) == sorted(layer + p for layer in (first, second) for p in ("q_proj", "k_proj", "v_proj"))
+    for projection in ("q_proj", "k_proj", "v_proj"):  # one layer waited (whichever the graph met first)
+        waited, refused = sorted((first + projection, second + projection),
+                                 key=lambda name: "same place" in report.unsupported[name])
+        assert "could not resolve its dependencies within 0.5 s" in report.unsupported[waited]
+        assert (f"could not resolve the dependencies of '{waited}' within 0.5 s, and this layer has the same place "
+                "in another repeated block") in report.unsupported[refused]
     assert {g.name for g in report.groups} == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj",
                                                "model.layers.1.mlp.up_proj"}
     assert model(**inputs).logits.shape == (2, 8, 50)
