@@ -1,5 +1,6 @@
 """GPU check (for sessions that are lent an accelerator): fusion on CUDA tensors, Sinkhorn on the GPU,
-and a short training run with the callback, compared against the same steps on the CPU.
+BN re-estimation on synthetic inputs, and a short training run with the callback, compared against the
+same steps on the CPU.
 
     python benchmarks/device_check.py            # uses cuda if available, else says so and exits 0
     python benchmarks/device_check.py --device cpu   # exercise the same path on the CPU
@@ -71,6 +72,7 @@ def main() -> int:
     compare("grouped conv", grouped_convnet, images, args.device)
     compare("mobilenet (SE)", lambda: SmallMobileNet(se=True), images, args.device)
     compare("resnet18", resnet18, torch.randn(2, 3, 32, 32), args.device)
+    compare("resnet (synthetic BN)", lambda: SmallResNet(16), images, args.device, calibration_data="synthetic")
 
     pl.seed_everything(0)
     sys.path.insert(0, "tests")

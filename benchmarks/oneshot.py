@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from lightning_intrafusion import OTConfig, prune
+from lightning_intrafusion import OTConfig, prune, synthesize_inputs
 from lightning_intrafusion.datasets import digits_tensors
 from lightning_intrafusion.models import SmallMobileNet, SmallResNet, SmallTransformer, SmallVGG, resnet18
 
@@ -107,10 +107,12 @@ def variants(max_cost: float, has_batchnorm: bool, has_depthwise: bool = False):
 
 
 def run_cell(model, name, sparsity, extra, train_set, test_set, calibrate, scope=None):
+    """Prune a copy of ``model`` and measure it; ``calibrate``: False (no data), True (BN statistics
+    re-estimated on 8 training batches) or a list of batches to re-estimate them on."""
     pruned = copy.deepcopy(model)
     x = test_set.tensors[0][:8]
-    calib = None
-    if calibrate:
+    calib = calibrate if isinstance(calibrate, list) else None
+    if calibrate is True:
         calib = [b[0] for b in DataLoader(train_set, batch_size=64, shuffle=False)][:8]
     report = prune(pruned, x, sparsity, calibration_data=calib, **(MODELS[name][1] if scope is None else scope), **extra)
     return accuracy(pruned, test_set), report
@@ -139,26 +141,31 @@ def main() -> None:
     print(f"command: python benchmarks/oneshot.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; digits: {len(train_set)} train / "
           f"{len(test_set)} test; accuracy: mean ±std over {args.seeds} models trained from different seeds\n")
-    print("| model | sparsity | method | acc | acc +BN recal | params | MACs | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
-    results = {}  # (name, sparsity, label) -> [per-model accuracies without data, with BN recal]
+    print("| model | sparsity | method | acc | acc +BN recal | acc +synthetic BN recal | params | MACs | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    # (name, sparsity, label) -> per-model accuracies [without data, BN recal, synthetic BN recal]
+    results = {}
     for name in MODELS:
         models = [trained(name, train_set, seed) for seed in seeds]
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
         has_depthwise = any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels for m in models[0].modules())
-        print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | |")
+        print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | | |")
+        # data-free inputs distilled from each unpruned model's BN statistics (what calibration_data="synthetic"
+        # does inside prune(); distilled once per model here, since they depend only on the unpruned model)
+        distilled = [synthesize_inputs(m, test_set.tensors[0][:8]) for m in models] if has_batchnorm else []
         for s in SPARSITIES:
             for label, extra in variants(args.max_cost, has_batchnorm, has_depthwise).items():
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 accs, report = [a for a, _ in runs], runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
                 results[name, s, label] = [accs]
-                recal = "n/a (no BatchNorm)"
+                recal = synthetic = "n/a (no BatchNorm)"
                 if has_batchnorm:
                     calibrated = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
-                    results[name, s, label].append(calibrated)
-                    recal = mean_std(calibrated)
-                print(f"| {name} | {s:.0%} | {label} | {mean_std(accs)} | {recal} | "
+                    on_distilled = [run_cell(m, name, s, extra, train_set, test_set, d)[0] for m, d in zip(models, distilled)]
+                    results[name, s, label] += [calibrated, on_distilled]
+                    recal, synthetic = mean_std(calibrated), mean_std(on_distilled)
+                print(f"| {name} | {s:.0%} | {label} | {mean_std(accs)} | {recal} | {synthetic} | "
                       f"{report.params_after:,} | {report.macs_after:,} | {seconds:.3f} |")
     summarize(results)
     if args.sweep:
@@ -178,33 +185,41 @@ def _paired(ours, theirs) -> str:
     return f"{d.mean():+.1f} ±{se:.1f} ({int((d >= 0).sum())}/{len(d)})"
 
 
+COLUMNS = ("", " +recal", " +synthetic recal")  # without data, BN recal on training data, BN recal on distilled inputs
+
+
 def summarize(results) -> None:
-    """How often (cells x {without, with recalibration}, on mean accuracy) our defaults match or beat
-    plain pruning and the paper preset, and the paired per-model differences behind each cell."""
+    """How often (cells x {without data, with BN recalibration}, on mean accuracy) our defaults match or
+    beat plain pruning and the paper preset; the same for the data-free synthetic recalibration on its
+    own; and the paired per-model differences behind each cell."""
     cells = [(name, s) for name, s, label in results if label == "default"]
     print()
     sets = {"issue's benchmark set": [c for c in cells if c[0] not in EXTRA], "extra architectures": [c for c in cells if c[0] in EXTRA]}
     for set_name, set_cells in sets.items():
-        if not set_cells:
-            continue
-        total = sum(len(results[name, s, "default"]) for name, s in set_cells)
-        for rival in ("default", "if-paper"):
-            wins, losses = 0, []
-            for name, s in set_cells:
-                for column, tag in list(enumerate(("", " +recal")))[:len(results[name, s, "default"])]:
-                    ours, theirs = (sum(a) / len(a) for a in (results[name, s, "if-ours"][column], results[name, s, rival][column]))
-                    if ours >= theirs:
-                        wins += 1
-                    else:
-                        losses.append(f"{name} {s:.0%}{tag} ({ours:.1f} vs {theirs:.1f})")
-            print(f"{set_name}: if-ours >= {rival}: {wins}/{total} cells" + (f"; below: {', '.join(losses)}" if losses else ""))
+        for columns, tag in (((0, 1), ""), ((2,), " with synthetic BN recal (data-free)")):
+            for rival in ("default", "if-paper"):
+                wins, losses, total = 0, [], 0
+                for name, s in set_cells:
+                    for column in columns:
+                        if column >= len(results[name, s, "default"]):
+                            continue
+                        total += 1
+                        ours, theirs = (_mean(results[name, s, label][column]) for label in ("if-ours", rival))
+                        if ours >= theirs:
+                            wins += 1
+                        else:
+                            losses.append(f"{name} {s:.0%}{COLUMNS[column]} ({ours:.1f} vs {theirs:.1f})")
+                if total:
+                    print(f"{set_name}{tag}: if-ours >= {rival}: {wins}/{total} cells"
+                          + (f"; below: {', '.join(losses)}" if losses else ""))
     print("\nPaired differences, if-ours minus rival on the same trained model: mean ±standard error "
           "(models where if-ours >= rival)\n")
-    print("| model | sparsity | vs default | vs if-paper | vs default +BN recal | vs if-paper +BN recal |")
-    print("|---|---|---|---|---|---|")
+    print("| model | sparsity | vs default | vs if-paper | vs default +BN recal | vs if-paper +BN recal "
+          "| vs default +synthetic | vs if-paper +synthetic |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, s in cells:
         columns = []
-        for column in range(2):
+        for column in range(len(COLUMNS)):
             for rival in ("default", "if-paper"):
                 if column < len(results[name, s, "default"]):
                     columns.append(_paired(results[name, s, "if-ours"][column], results[name, s, rival][column]))
@@ -250,7 +265,7 @@ def ablations(train_set, test_set, seeds, results) -> None:
         print(f"| {label} | " + " | ".join(f"{m:.1f}" for m in means) + " | "
               + " | ".join(f"{r:.1f}" for r in recal) + f" | {cells}/{total} |")
 
-    row("our defaults", {(n, s): [_mean(a) for a in results[n, s, "if-ours"]] for n in names for s in SPARSITIES})
+    row("our defaults", {(n, s): [_mean(a) for a in results[n, s, "if-ours"][:2]] for n in names for s in SPARSITIES})
     for label, change in ABLATIONS.items():
         per_cell = {}
         for name in names:

@@ -17,6 +17,7 @@ from lightning_intrafusion.schedule import (
     LinearSchedule,
     SparsitySchedule,
 )
+from lightning_intrafusion.synthetic import synthesize_inputs
 from lightning_intrafusion.tracking import wandb_logger
 
 __version__ = "0.1.0"
@@ -43,4 +44,5 @@ __all__ = [
     "BatchNormDrift",
     "batchnorm_drift",
     "recalibrate_batchnorm",
+    "synthesize_inputs",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
@@ -41,6 +41,7 @@ from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport
 from lightning_intrafusion.snapshot import ModelSnapshot
 from lightning_intrafusion.surgery import Removal, apply_removals, complement, merge_removals
+from lightning_intrafusion.synthetic import synthesize_inputs
 
 METHODS = ("intrafusion", "default")
 
@@ -54,7 +55,7 @@ def prune(
     ot_config: Optional[OTConfig] = None,
     include: Optional[Sequence[str]] = None,
     exclude: Optional[Sequence[str]] = None,
-    calibration_data: Optional[Iterable[Any]] = None,
+    calibration_data: Union[None, str, Iterable[Any]] = None,
     calibration_batches: Optional[int] = None,
     reference_widths: Optional[Mapping[str, int]] = None,
     channel_blocks: Optional[Mapping[str, int]] = None,
@@ -77,7 +78,10 @@ def prune(
             channels matches ``include`` (default: all) and none of its layers matches ``exclude``.
             Groups whose channels are model outputs are never pruned.
         calibration_data: optional iterable of input batches; BatchNorm statistics are re-estimated on
-            them after pruning (``calibration_batches`` caps how many are used).
+            them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
+            any data, on inputs distilled from the unpruned model's own BN statistics
+            (:func:`~lightning_intrafusion.synthetic.synthesize_inputs` with its defaults; call it yourself
+            to choose their number and the optimisation steps).
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -92,6 +96,8 @@ def prune(
     The step is all or nothing: on any error the model is restored exactly and the error re-raised.
     """
     _check_arguments(model, sparsity, method, ot_config, include, exclude)
+    if isinstance(calibration_data, str) and calibration_data != "synthetic":
+        raise ValueError(f"calibration_data must be an iterable of input batches or 'synthetic', got {calibration_data!r}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
     ot_config = ot_config or OTConfig()
@@ -109,6 +115,8 @@ def prune(
                      channel_blocks or {}, reference_widths or {}, gradient_fn, on_unsupported)
         snapshot = ModelSnapshot(model)
         try:
+            # distilled from the statistics of the model as it is now, re-estimated after pruning
+            synthetic = synthesize_inputs(model, example_inputs) if calibration_data == "synthetic" else None
             try:
                 group_reports, removals, skipped = step.run(model)
             except ForwardBrokenError:
@@ -118,10 +126,8 @@ def prune(
                 # find the groups that break it, one at a time, and prune the others
                 snapshot.restore()
                 group_reports, removals, skipped = step.run(model, leave_out=step.groups_breaking_the_forward(model))
-            calibrated = False
             if calibration_data is not None:
-                recalibrate_batchnorm(model, calibration_data, calibration_batches)
-                calibrated = True
+                recalibrate_batchnorm(model, synthetic if synthetic is not None else calibration_data, calibration_batches)
         except BaseException:
             snapshot.restore()
             raise
@@ -132,7 +138,9 @@ def prune(
         report = PruneReport(
             method=method, sparsity=float(sparsity), params_before=params_before, params_after=params_after,
             macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
-            groups=group_reports, skipped=skipped, calibrated=calibrated, removals=[list(r) for r in removals],
+            groups=group_reports, skipped=skipped, calibrated=calibration_data is not None,
+            calibration=("synthetic" if synthetic is not None else "data") if calibration_data is not None else "",
+            removals=[list(r) for r in removals],
         )
         if report.unsupported:
             listing = "; ".join(f"{name!r} ({why[len(UNSUPPORTED):]})" for name, why in report.unsupported.items())

@@ -34,6 +34,7 @@ class PruneReport:
     groups: List[GroupReport] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
     calibrated: bool = False
+    calibration: str = ""  # where the re-estimated BN statistics came from: "data", "synthetic" or "" (none)
     removals: List[Any] = field(default_factory=list)  # [module, side, indices]: replayable record
 
     @property
