@@ -61,6 +61,7 @@ def prune(
     channel_blocks: Optional[Mapping[str, int]] = None,
     gradient_fn: Optional[Callable[[nn.Module], Tensor]] = None,
     on_unsupported: str = "raise",
+    verbose: bool = False,
 ) -> PruneReport:
     """Structurally prune ``model`` in place and return a :class:`PruneReport`.
 
@@ -92,6 +93,7 @@ def prune(
             qkv heads, tied parameters, ...): ``"raise"`` (default) refuses the whole step with an
             :class:`UnsupportedModelError` naming it; ``"skip"`` leaves such groups unpruned, prunes the
             others, lists them in ``report.skipped`` (reason prefixed ``"unsupported: "``) and warns once.
+        verbose: print progress (graph, each group as it is fused, the result) to stdout.
 
     The step is all or nothing: on any error the model is restored exactly and the error re-raised.
     """
@@ -111,12 +113,16 @@ def prune(
         start = time.perf_counter()
         output_before = _output_shapes(model, example_inputs)
         macs_before, params_before = count_macs_and_params(model, example_inputs)
+        log = _progress if verbose else _silent
         step = _Step(example_inputs, output_before, sparsity, method, scorer, ot_config, include, exclude,
-                     channel_blocks or {}, reference_widths or {}, gradient_fn, on_unsupported)
+                     channel_blocks or {}, reference_widths or {}, gradient_fn, on_unsupported, log)
         snapshot = ModelSnapshot(model)
         try:
             # distilled from the statistics of the model as it is now, re-estimated after pruning
-            synthetic = synthesize_inputs(model, example_inputs) if calibration_data == "synthetic" else None
+            synthetic = None
+            if calibration_data == "synthetic":
+                log("distilling calibration inputs from the model's BatchNorm statistics")
+                synthetic = synthesize_inputs(model, example_inputs)
             try:
                 group_reports, removals, skipped = step.run(model)
             except ForwardBrokenError:
@@ -125,8 +131,10 @@ def prune(
                 # a width the forward depends on outside the graph (e.g. a reshape to the embedding width):
                 # find the groups that break it, one at a time, and prune the others
                 snapshot.restore()
+                log("the pruned model no longer runs: trying each group on its own")
                 group_reports, removals, skipped = step.run(model, leave_out=step.groups_breaking_the_forward(model))
             if calibration_data is not None:
+                log("re-estimating BatchNorm statistics")
                 recalibrate_batchnorm(model, synthetic if synthetic is not None else calibration_data, calibration_batches)
         except BaseException:
             snapshot.restore()
@@ -142,11 +150,20 @@ def prune(
             calibration=("synthetic" if synthetic is not None else "data") if calibration_data is not None else "",
             removals=[list(r) for r in removals],
         )
+        log(str(report))
         if report.unsupported:
             listing = "; ".join(f"{name!r} ({why[len(UNSUPPORTED):]})" for name, why in report.unsupported.items())
             warnings.warn(f"prune(on_unsupported='skip') left {len(report.unsupported)} channel group(s) "
                           f"unpruned: {listing}", stacklevel=2)
         return report
+
+
+def _progress(message: str) -> None:
+    print(f"[prune] {message}", flush=True)
+
+
+def _silent(message: str) -> None:
+    pass
 
 
 class ForwardBrokenError(RuntimeError):
@@ -175,8 +192,10 @@ class _Step:
     reference_widths: Mapping[str, int]
     gradient_fn: Optional[Callable[[nn.Module], Tensor]]
     on_unsupported: str
+    log: Callable[[str], None]
 
     def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
+        self.log("tracing the model and building its dependency graph")
         graph = build_graph(model, self.example_inputs)
         selected, skipped = _select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported)
         selected = _check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
@@ -192,7 +211,7 @@ class _Step:
         if needs_gradients(self.scorer):
             _accumulate_gradients(model, self.gradient_fn)
         group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
-                                                self.reference_widths, self.channel_blocks)
+                                                self.reference_widths, self.channel_blocks, self.log)
         _check_still_runs(model, self.example_inputs, self.output_before)
         return group_reports, removals, skipped
 
@@ -336,17 +355,20 @@ def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], T
 def _prune_groups(
     graph: tp.DependencyGraph, groups: Sequence[PrunableGroup], sparsity: float, method: str, scorer: Any,
     config: OTConfig, reference_widths: Mapping[str, int], channel_blocks: Mapping[str, int],
+    log: Callable[[str], None] = _silent,
 ) -> Tuple[List[GroupReport], List[Removal]]:
     """Fuse every group (values only; shapes unchanged), then remove all channels in one pass."""
     reports: List[GroupReport] = []
     entries = []
-    for group in groups:
+    for number, group in enumerate(groups, 1):
+        started = time.perf_counter()
         group.refresh()
         unit = _block_size(group, channel_blocks)
         keep = _kept_width(group, sparsity, reference_widths.get(group.root_name), unit)
         report = GroupReport(group.root_name, group.width, keep, members=list(group.members))
         reports.append(report)
         if keep >= group.width:
+            log(f"group {number}/{len(groups)} {group.root_name}: {group.width} channels, none to remove")
             continue
         scores = score_group(scorer, group)
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
@@ -358,6 +380,9 @@ def _prune_groups(
             report.merged = _fuse(graph, group, scores, kept, unit, group_config)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))
+        merged = f", {report.merged} merged" if method == "intrafusion" else ""
+        log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
+            f"({time.perf_counter() - started:.2f} s)")
     names = {m: n for n, m in graph.model.named_modules()}
     removals = merge_removals(entries, names)
     apply_removals(graph.model, removals)

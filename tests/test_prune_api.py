@@ -471,3 +471,16 @@ def test_a_group_torch_pruning_cannot_resolve_is_refused_instead_of_hanging(monk
     assert_same_state(before, state(model))
     report = prune(model, X, 0.5, exclude=["1"])
     assert [(g.name, g.width_after) for g in report.groups] == [("3", 8)]
+
+
+def test_verbose_prints_progress_and_silence_is_the_default(capsys):
+    prune(SmallResNet(width=8), X, 0.5)
+    assert capsys.readouterr().out == ""
+    report = prune(SmallResNet(width=8), X, 0.5, verbose=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[prune] tracing the model and building its dependency graph"
+    groups = [line for line in lines if line.startswith("[prune] group ")]
+    assert len(groups) == len(report.groups) and groups[0].startswith(f"[prune] group 1/{len(report.groups)} ")
+    assert " -> " in groups[0] and " merged (" in groups[0]
+    assert lines[-1] == f"[prune] {report}"
+
