@@ -23,7 +23,10 @@ from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
 from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
-from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
+from lightning_intrafusion import packed_attention
+from lightning_intrafusion.packed_attention import is_packed_attention
+from lightning_intrafusion.surgery import (extra_pruners, is_grouped_conv, output_dim, parameter_owner,
+                                           transposed_linear_types)
 
 _OPTYPE = tp.ops.OPTYPE
 
@@ -134,7 +137,11 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
+    packed = {name: m for name, m in graph.model.named_modules() if is_packed_attention(m) and m.c_attn in graph.module2node}
+    packed_projections = {m.c_attn for m in packed.values()}  # their heads come from packed_attention below
     for root, tp_group in _tp_groups(graph, roots, names):
+        if root in packed_projections:
+            continue
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
             yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
@@ -144,6 +151,8 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
             yield _refuse_tied(_attention_heads(name, module), tied)
+    for name, module in packed.items():
+        yield _refuse_tied(_packed_attention_heads(name, module), tied)
 
 
 GROUP_SECONDS = 5.0  # longest a single group may take to resolve; real groups take milliseconds
@@ -253,6 +262,24 @@ def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
         targets[key] = target
     return PrunableGroup(name, width, slices, [], [name], [name, f"{name}.out_proj"], unit=module.head_dim,
                          targets=targets, layers=[(module, "heads", positions[1])], root_module=module)
+
+
+def _packed_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
+    """The projection channels of a packed-qkv attention layer (GPT-2's ``c_attn``/``c_proj``), in units
+    of whole heads: the three sections of ``c_attn``'s outputs produce them, ``c_proj``'s inputs consume them."""
+    width = module.split_size
+    slices, targets = [], {}
+    for attr, (dim, copies, role) in packed_attention.layout(module, output_dim).items():
+        layer_attr, leaf = attr.split(".")
+        owner = getattr(module, layer_attr)
+        key = f"{name}.{attr}"
+        slices.append(ChannelSlice(key, getattr(owner, leaf), dim, packed_attention.positions(width, copies), role,
+                                   is_feature=leaf == "weight"))
+        targets[key] = (owner, leaf)
+    return PrunableGroup(name, width, slices, [], [f"{name}.c_attn"], [name, f"{name}.c_attn", f"{name}.c_proj"],
+                         unit=module.head_dim, targets=targets,
+                         layers=[(module, packed_attention.SIDE, packed_attention.positions(width, 1))],
+                         root_module=module.c_attn)
 
 
 def _attention_slices(name: str, module: nn.MultiheadAttention, side: str,

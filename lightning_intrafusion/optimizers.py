@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from lightning_intrafusion import packed_attention
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
 from lightning_intrafusion.execution import eager
 from lightning_intrafusion.surgery import (
@@ -94,6 +95,11 @@ def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
     bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
     module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
     layer = modules.get(module_name)
+    heads = _packed_heads_kept(name, old_shape, removals, modules)
+    if heads:  # the other dim (hidden width) may have shrunk too, by a removal of the layer itself
+        rest_shape = tuple(old if dim in heads else new for dim, (old, new) in enumerate(zip(old_shape, new_shape)))
+        rest = kept_indices(old_shape, rest_shape, removals, module_name, output_dim(layer) if len(old_shape) > 1 else 0)
+        return lambda value: slice_state(value, {**rest, **heads})
     grouped_inputs = [idxs for n, side, idxs in removals if n == module_name and side == "in"]
     if layer is not None and is_grouped_conv(layer) and name.endswith("weight") and grouped_inputs:
         # output rows first (an index_select), then each conv group's own input columns
@@ -102,6 +108,19 @@ def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
     out_dim = output_dim(layer) if layer is not None and name.endswith("weight") and len(old_shape) > 1 else 0
     kept = kept_indices(old_shape, new_shape, removals, module_name, out_dim)
     return lambda value: slice_state(value, kept)
+
+
+def _packed_heads_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
+                       modules: Mapping[str, nn.Module]) -> Dict[int, Tensor]:
+    """Surviving indices of a parameter of a packed-qkv attention layer that lost heads (by the dim)."""
+    kept: Dict[int, Tensor] = {}
+    for module_name, side, idxs in removals:
+        if side == packed_attention.SIDE and name.startswith(module_name + ".") and module_name in modules:
+            parameters = packed_attention.layout(modules[module_name], output_dim)
+            found = packed_attention.surviving_indices(name[len(module_name) + 1:], old_shape, idxs, parameters)
+            if found is not None:
+                kept[found[0]] = found[1]
+    return kept
 
 
 def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]]) -> Optional[Dict[int, Tensor]]:

@@ -18,6 +18,7 @@ from torch import nn
 
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
+from lightning_intrafusion import packed_attention
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot
 from lightning_intrafusion.execution import eager
 
@@ -90,7 +91,7 @@ def merge_removals(entries: Sequence[Tuple[Any, str, Sequence[int]]], names: Dic
     parameters come as (parameter name, "dim<d>", indices)."""
     merged: Dict[Tuple[Any, object], Tuple[Any, str, set]] = {}
     for target, side, idxs in entries:
-        if isinstance(target, str) or side in ATTENTION_SIDES:
+        if isinstance(target, str) or side in ATTENTION_SIDES or side == packed_attention.SIDE:
             key: Tuple[Any, object] = (target, side)
         else:
             fn = pruning_function(target, side)
@@ -121,6 +122,9 @@ def _apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
             continue
         if side in ATTENTION_SIDES:
             remove_attention_channels(model, name, side, idxs)
+            continue
+        if side == packed_attention.SIDE:
+            remove_packed_heads(model, name, idxs)
             continue
         if name not in modules:
             raise ValueError(f"pruning history names a module {name!r} that the model does not have")
@@ -157,6 +161,40 @@ def remove_attention_channels(model: nn.Module, name: str, side: str, idxs: Sequ
     if side == "embed":  # packed projections only: keys and values have the embedding's width
         module.embed_dim = module.kdim = module.vdim = module.in_proj_weight.shape[1]
     module.out_proj.in_features, module.out_proj.out_features = module.inner_dim, module.embed_dim
+
+
+def remove_packed_heads(model: nn.Module, name: str, idxs: Sequence[int]) -> None:
+    """Remove projection channels ``idxs`` (whole heads) from the packed-qkv attention layer ``name``:
+    the three sections of ``c_attn``'s outputs, ``c_proj``'s inputs, and the layer's head count."""
+    module = model.get_submodule(name)
+    if not packed_attention.is_packed_attention(module):
+        raise ValueError(f"pruning history names {name!r} as a packed-qkv attention layer, but it is a "
+                         f"{type(module).__name__}")
+    width, head_dim = module.split_size, module.head_dim
+    if len(set(idxs)) >= width or len(set(idxs)) % head_dim:
+        raise ValueError(f"cannot remove {len(idxs)} channels from {name!r} (width {width}, head_dim {head_dim})")
+    parameters = packed_attention.layout(module, output_dim)
+    for attr in parameters:
+        layer_attr, leaf = attr.split(".")
+        owner = getattr(module, layer_attr)
+        param = getattr(owner, leaf)
+        dim, keep = packed_attention.surviving_indices(attr, param.shape, idxs, parameters)
+        setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
+                                          requires_grad=param.requires_grad))
+    module.split_size = width - len(set(idxs))
+    module.num_heads = module.split_size // head_dim
+    for layer, side in ((module.c_attn, "out"), (module.c_proj, "in")):
+        _record_width(layer, side)
+
+
+def _record_width(layer: nn.Module, side: str) -> None:
+    """Update a layer's width attributes (``nf``/``nx`` of ``Conv1D``, ``in/out_features``) to its weight."""
+    out = layer.weight.shape[output_dim(layer)]
+    inp = layer.weight.shape[1 - output_dim(layer)]
+    names = {"out": ("nf", "out_features"), "in": ("nx", "in_features")}[side]
+    for attr in names:
+        if hasattr(layer, attr):
+            setattr(layer, attr, out if side == "out" else inp)
 
 
 def surviving_attention_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],

@@ -44,23 +44,61 @@ def test_mlp_neurons_of_conv1d_layers_are_fused_exactly():
     fresh.load_state_dict(fused.state_dict())
 
 
-def test_optimizer_state_of_conv1d_layers_is_sliced_like_the_weights():
+@pytest.mark.parametrize("include", [MLP, ["*.attn.c_attn", *MLP]], ids=["mlp", "heads and mlp"])
+def test_optimizer_state_of_conv1d_layers_is_sliced_like_the_weights(include):
+    """Momentum equal to the weights before pruning equals them after: sliced exactly like them (Conv1D
+    weights are (in, out); packed heads lose columns in each of c_attn's three sections)."""
     model, inputs = _gpt2()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():
         optimizer.state[p]["momentum_buffer"] = p.detach().clone()
     saved = snapshot_optimizer_state([optimizer], model)
-    report = prune(model, inputs, 0.5, include=MLP, method="default")
+    report = prune(model, inputs, 0.5, include=include, method="default")
+    assert len(report.groups) == 2 * len(include)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     restore_optimizer_state([optimizer], model, saved, report.removals)
     for name, p in model.named_parameters():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
 
 
-def test_packed_attention_and_tied_width_are_refused():
+def _duplicate_odd_heads(model) -> None:
+    """Head 2m+1 of every packed c_attn computes what head 2m computes (its query, key and value columns
+    copied); its c_proj rows are halved so that magnitude importance keeps the even heads."""
+    with torch.no_grad():
+        for block in model.transformer.h:
+            attn = block.attn
+            width, d = attn.split_size, attn.head_dim
+            for head in range(1, attn.num_heads, 2):
+                for section in range(3):
+                    src = slice(section * width + (head - 1) * d, section * width + head * d)
+                    dst = slice(section * width + head * d, section * width + (head + 1) * d)
+                    attn.c_attn.weight[:, dst] = attn.c_attn.weight[:, src]
+                    attn.c_attn.bias[dst] = attn.c_attn.bias[src]
+                attn.c_proj.weight[head * d:(head + 1) * d] *= 0.5
+
+
+def test_heads_of_packed_attention_are_fused_exactly_and_replay():
     model, inputs = _gpt2()
-    with pytest.raises(UnsupportedModelError, match="packed in one layer"):
-        prune(model, inputs, 0.5, include=["*.attn.c_attn"])
+    _duplicate_odd_heads(model)
+    expected = model(**inputs).logits
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, inputs, 0.5, include=["*.attn.c_attn"])
+    prune(plain, inputs, 0.5, include=["*.attn.c_attn"], method="default")
+    assert [(g.name, g.width_before, g.width_after, g.merged) for g in sorted(report.groups, key=lambda g: g.name)] == [
+        ("transformer.h.0.attn", 32, 16, 16), ("transformer.h.1.attn", 32, 16, 16)]
+    attn = fused.transformer.h[0].attn
+    assert (attn.num_heads, attn.split_size, attn.c_attn.nf, attn.c_proj.nx) == (2, 16, 48, 16)
+    assert attn.c_attn.weight.shape == (32, 48) and attn.c_proj.weight.shape == (16, 32)
+    assert torch.allclose(fused(**inputs).logits, expected, atol=1e-4)
+    assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+    fresh, _ = _gpt2()
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(fused.state_dict())
+    assert torch.equal(fresh(**inputs).logits, fused(**inputs).logits)
+
+
+def test_tied_width_is_refused():
+    model, inputs = _gpt2()
     with pytest.raises(UnsupportedModelError, match="wte.weight = lm_head.weight"):
         prune(model, inputs, 0.5)
     with pytest.raises(ValueError, match="use_cache=False"):
@@ -69,11 +107,11 @@ def test_packed_attention_and_tied_width_are_refused():
 
 def test_one_call_prunes_what_can_be_pruned_when_told_to_skip_the_rest():
     model, inputs = _gpt2()
-    with pytest.warns(UserWarning, match="left 3 channel group"):
+    with pytest.warns(UserWarning, match="left 1 channel group"):
         report = prune(model, inputs, 0.5, on_unsupported="skip")
-    assert sorted(g.name for g in report.groups) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
-    assert sorted(report.unsupported) == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn",
-                                          "transformer.h.1.mlp.c_proj"]
+    assert sorted(g.name for g in report.groups) == ["transformer.h.0.attn", "transformer.h.0.mlp.c_fc",
+                                                     "transformer.h.1.attn", "transformer.h.1.mlp.c_fc"]
+    assert list(report.unsupported) == ["transformer.h.1.mlp.c_proj"]
     assert "wte.weight = lm_head.weight" in report.unsupported["transformer.h.1.mlp.c_proj"]
     assert model.lm_head.weight is model.transformer.wte.weight
     assert model(**inputs).logits.shape == (2, 8, 50)
