@@ -93,6 +93,33 @@ class SwiGLUBlock(nn.Module):
         return self.head(tokens.mean(1))
 
 
+class ConvNeXtNet(nn.Module):
+    """ConvNeXt blocks: depthwise 7x7 conv, channels-last LayerNorm and pointwise MLP (permutes around
+    them), a layer-scale parameter, a residual stream."""
+
+    class Block(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+            self.pwconv1, self.pwconv2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+            self.gamma = nn.Parameter(0.1 * torch.ones(dim))
+
+        def forward(self, x):
+            y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+            y = self.pwconv2(nn.functional.gelu(self.pwconv1(y))) * self.gamma
+            return x + y.permute(0, 3, 1, 2)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 2, stride=2)
+        self.blocks = nn.Sequential(self.Block(16), self.Block(16))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 CASES = {
     "vgg": (lambda: SmallVGG(width=8), {}),
     "resnet": (lambda: SmallResNet(width=8, blocks=(1, 1)), {}),
@@ -101,6 +128,7 @@ CASES = {
     "unet_transposed_conv_concat": (TinyUNet, {}),
     "vit_patch_embedding": (PatchEmbedMLP, {}),
     "swiglu_gated_mlp": (SwiGLUBlock, {}),
+    "convnext_blocks": (ConvNeXtNet, {}),
     "conv3d_batchnorm3d": (lambda: ConvStack(nn.Conv3d, nn.BatchNorm3d, (1, 2, 8, 4)), {}),
     "batchnorm_without_affine": (lambda: ConvStack(nn.Conv2d, lambda c: nn.BatchNorm2d(c, affine=False), (1, 8, 8)), {}),
     "instance_norm": (lambda: ConvStack(nn.Conv2d, lambda c: nn.InstanceNorm2d(c, affine=True), (1, 8, 8)), {}),
@@ -136,7 +164,7 @@ CASES = {
 # features, and the twin of a removed channel need not be its nearest kept channel: their exactness
 # is asserted with producer features.
 TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d",
-                          "vit_patch_embedding", "swiglu_gated_mlp", "conv3d_batchnorm3d"}
+                          "vit_patch_embedding", "swiglu_gated_mlp", "conv3d_batchnorm3d", "convnext_blocks"}
 
 
 def _prepared(name):
