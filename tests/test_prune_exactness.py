@@ -93,6 +93,39 @@ class SwiGLUBlock(nn.Module):
         return self.head(tokens.mean(1))
 
 
+def _conv_bn_silu(c_in: int, c_out: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride, k // 2, bias=False), nn.BatchNorm2d(c_out), nn.SiLU())
+
+
+class DenseChain(nn.Module):
+    """DenseNet-style: each layer reads the concatenation of all earlier outputs, then a transition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.l1, self.l2 = _conv_bn_silu(1, 8), _conv_bn_silu(8, 8), _conv_bn_silu(16, 8)
+        self.trans, self.head = _conv_bn_silu(24, 16, 1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.cat([x, self.l1(x)], 1)
+        x = torch.cat([x, self.l2(x)], 1)
+        return self.head(self.trans(x).mean((2, 3)))
+
+
+class UpsampleConcatNeck(nn.Module):
+    """FPN/YOLO-neck style: a strided branch, a lateral 1x1 conv, nearest upsampling, concatenation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.lateral = _conv_bn_silu(1, 8), _conv_bn_silu(8, 16, stride=2), _conv_bn_silu(16, 8, 1)
+        self.fuse, self.head = _conv_bn_silu(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        a = self.c1(x)
+        up = nn.functional.interpolate(self.lateral(self.c2(a)), scale_factor=2, mode="nearest")
+        return self.head(self.fuse(torch.cat([a, up], 1)).mean((2, 3)))
+
+
 class ConvNeXtNet(nn.Module):
     """ConvNeXt blocks: depthwise 7x7 conv, channels-last LayerNorm and pointwise MLP (permutes around
     them), a layer-scale parameter, a residual stream."""
@@ -129,6 +162,8 @@ CASES = {
     "vit_patch_embedding": (PatchEmbedMLP, {}),
     "swiglu_gated_mlp": (SwiGLUBlock, {}),
     "convnext_blocks": (ConvNeXtNet, {}),
+    "densenet_concat_chain": (DenseChain, {}),
+    "upsample_concat_neck": (UpsampleConcatNeck, {}),
     "conv3d_batchnorm3d": (lambda: ConvStack(nn.Conv3d, nn.BatchNorm3d, (1, 2, 8, 4)), {}),
     "batchnorm_without_affine": (lambda: ConvStack(nn.Conv2d, lambda c: nn.BatchNorm2d(c, affine=False), (1, 8, 8)), {}),
     "instance_norm": (lambda: ConvStack(nn.Conv2d, lambda c: nn.InstanceNorm2d(c, affine=True), (1, 8, 8)), {}),
