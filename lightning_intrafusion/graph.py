@@ -13,7 +13,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
@@ -23,7 +23,7 @@ from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
 from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
-from lightning_intrafusion import packed_attention
+from lightning_intrafusion import grouped_attention, packed_attention
 from lightning_intrafusion.packed_attention import is_packed_attention
 from lightning_intrafusion.surgery import (extra_pruners, is_grouped_conv, output_dim, parameter_owner,
                                            transposed_linear_types)
@@ -137,11 +137,13 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
+    # attention layers recognised by their attributes: their heads come from the modules below, not
+    # from Torch-Pruning's groups of their projections (which it cannot resolve)
     packed = {name: m for name, m in graph.model.named_modules() if is_packed_attention(m) and m.c_attn in graph.module2node}
-    packed_projections = {m.c_attn for m in packed.values()}  # their heads come from packed_attention below
-    for root, tp_group in _tp_groups(graph, roots, names):
-        if root in packed_projections:
-            continue
+    grouped = {name: m for name, m in graph.model.named_modules()
+               if grouped_attention.is_grouped_attention(m) and m.q_proj in graph.module2node}
+    own_heads = {m.c_attn for m in packed.values()} | {p for m in grouped.values() for p in (m.q_proj, m.k_proj, m.v_proj)}
+    for root, tp_group in _tp_groups(graph, roots, names, skip=own_heads):
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
             yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
@@ -153,6 +155,8 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
             yield _refuse_tied(_attention_heads(name, module), tied)
     for name, module in packed.items():
         yield _refuse_tied(_packed_attention_heads(name, module), tied)
+    for name, module in grouped.items():
+        yield _refuse_tied(_grouped_attention_heads(name, module), tied)
 
 
 GROUP_SECONDS = 5.0  # longest a single group may take to resolve; real groups take milliseconds
@@ -184,14 +188,15 @@ def _time_limit(seconds: float) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, remaining)
 
 
-def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[nn.Module, str]
-               ) -> Iterator[Tuple[nn.Module, Any]]:
+def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[nn.Module, str],
+               skip: Collection[nn.Module] = ()) -> Iterator[Tuple[nn.Module, Any]]:
     """Torch-Pruning's groups, one per root layer not yet covered by an earlier group (as its
     ``get_all_groups``), each resolved under a time limit. A group Torch-Pruning cannot resolve (its search
     never ends on some graphs) comes as ``(root, reason)`` instead of hanging the caller, and so do, at
     once, the groups of layers of the same type at the same place in other repeated blocks (the same name
-    up to block indices: ``layers.*.attn.q``), which would only spend the same time to fail the same way."""
-    covered = set()
+    up to block indices: ``layers.*.attn.q``), which would only spend the same time to fail the same way.
+    Layers in ``skip`` are not made roots."""
+    covered = set(skip)
     ignored = set(graph.IGNORED_LAYERS_IN_TRACING)
     timed_out: Dict[Tuple[type, str], str] = {}
     for module in list(graph.module2node):
@@ -280,6 +285,30 @@ def _packed_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
                          unit=module.head_dim, targets=targets,
                          layers=[(module, packed_attention.SIDE, packed_attention.positions(width, 1))],
                          root_module=module.c_attn)
+
+
+def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
+    """The query channels of an attention layer with grouped key/value heads, in units of one key/value
+    head and its query heads: the query, key and value projections produce them (every query channel
+    reads the key/value channel it attends with), the output projection's columns consume them."""
+    where = grouped_attention.positions(module)
+    parts = [("q_proj", "query", "producer", 0), ("k_proj", "key_value", "producer", 0),
+             ("v_proj", "key_value", "producer", 0), ("o_proj", "query", "consumer", 1)]
+    slices, targets, layers = [], {}, []
+    for layer_name, kind, role, dim in parts:
+        layer = getattr(module, layer_name)
+        for leaf in ("weight", "bias") if role == "producer" else ("weight",):
+            if getattr(layer, leaf, None) is None:
+                continue
+            key = f"{name}.{layer_name}.{leaf}"
+            slices.append(ChannelSlice(key, getattr(layer, leaf), dim if leaf == "weight" else 0, where[kind], role,
+                                       is_feature=leaf == "weight"))
+            targets[key] = (layer, leaf)
+        layers.append((layer, "out" if role == "producer" else "in", where[kind]))
+    producers = [f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    return PrunableGroup(f"{name}.q_proj", module.q_proj.out_features, slices, [], producers,
+                         producers + [f"{name}.o_proj"], unit=grouped_attention.unit(module), targets=targets,
+                         layers=layers, root_module=module.q_proj)
 
 
 def _attention_slices(name: str, module: nn.MultiheadAttention, side: str,

@@ -473,6 +473,38 @@ def test_a_group_torch_pruning_cannot_resolve_is_refused_instead_of_hanging(monk
     assert [(g.name, g.width_after) for g in report.groups] == [("3", 8)]
 
 
+def test_a_group_that_timed_out_is_not_waited_for_again_in_the_next_block(monkeypatch):
+    """After blocks.N.fc1 timed out, the fc1 of every other block (same type, same place) is refused at
+    once: a deep model would otherwise wait the time limit once per block."""
+    import time
+
+    import lightning_intrafusion.graph as graph_module
+
+    monkeypatch.setattr(graph_module, "GROUP_SECONDS", 0.2)
+    original = torch_pruning.DependencyGraph.get_pruning_group
+    waited = []
+
+    def endless_for_fc1(self, module, fn, idxs):
+        if module in fc1s:
+            waited.append(module)
+            while True:
+                time.sleep(0.01)
+        return original(self, module, fn, idxs)
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "get_pruning_group", endless_for_fc1)
+    model = SmallTransformer(dim=32, heads=4, mlp=64)
+    fc1s = [block.fc1 for block in model.blocks]
+    with pytest.warns(UserWarning, match="left 2 channel group"):
+        report = prune(model, X, 0.5, on_unsupported="skip", channel_blocks={"*.attn.q": 8})
+    assert len(waited) == 1
+    first = "blocks.0.fc1" if waited[0] is fc1s[0] else "blocks.1.fc1"
+    other = ({"blocks.0.fc1", "blocks.1.fc1"} - {first}).pop()
+    assert "could not resolve its dependencies within 0.2 s" in report.unsupported[first]
+    assert (f"could not resolve the dependencies of '{first}' within 0.2 s, and this layer has the same place in "
+            "another repeated block") in report.unsupported[other]
+    assert all(block.fc1.out_features == 64 for block in model.blocks) and model(X).shape == (len(X), 10)
+
+
 def test_verbose_prints_progress_and_silence_is_the_default(capsys):
     prune(SmallResNet(width=8), X, 0.5)
     assert capsys.readouterr().out == ""

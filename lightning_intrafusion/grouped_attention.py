@@ -1,0 +1,44 @@
+"""Heads of attention layers with separate query/key/value/output projections and grouped key/value
+heads (Hugging Face LLaMA, Mistral, Qwen2: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim``,
+``num_key_value_groups``).
+
+Rotary position embeddings slice and re-concatenate each head's dimensions, which the dependency graph
+cannot follow (with grouped key/value heads its search never ends), but they act within a head: whole
+heads can go. Every ``num_key_value_groups`` consecutive query heads share one key/value head, so the
+unit kept, removed or merged is such a group of query heads together with its key/value head. The
+layer's forward reads the head count from the projections' widths, so removing their rows and
+``o_proj``'s columns is the whole surgery (plain layer removals, replayed like any other).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+
+def is_grouped_attention(module: nn.Module) -> bool:
+    """Separate ``nn.Linear`` query/key/value/output projections, ``head_dim`` and ``num_key_value_groups``
+    consistent with their widths (query heads = key/value heads x groups)."""
+    layers = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    head_dim, groups = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", None)
+    if not all(isinstance(layer, nn.Linear) for layer in layers) or not isinstance(head_dim, int) or not isinstance(groups, int):
+        return False
+    q, k, v, o = layers
+    return (head_dim > 0 and groups > 0 and k.out_features == v.out_features and k.out_features % head_dim == 0
+            and q.out_features == groups * k.out_features == o.in_features)
+
+
+def unit(module: nn.Module) -> int:
+    """Channels kept or removed together: the query heads sharing one key/value head."""
+    return module.num_key_value_groups * module.head_dim
+
+
+def positions(module: nn.Module) -> Dict[str, torch.Tensor]:
+    """``(query channels, 1)`` positions of every query channel in the query/output projections
+    (``"query"``) and in the key/value projections (``"key_value"``: the key/value channel it attends with)."""
+    width, head_dim, groups = module.q_proj.out_features, module.head_dim, module.num_key_value_groups
+    channels = torch.arange(width)
+    head, dim = channels // head_dim, channels % head_dim
+    return {"query": channels[:, None], "key_value": ((head // groups) * head_dim + dim)[:, None]}
