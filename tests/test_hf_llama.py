@@ -17,12 +17,19 @@ transformers = pytest.importorskip("transformers")
 MLP_AND_HIDDEN = ["*.mlp.up_proj", "*.mlp.down_proj"]
 
 
-def _llama(kv_heads: int = 4):
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+            "mistral": ("MistralConfig", "MistralForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
+
+
+def _llama(kv_heads: int = 4, family: str = "llama"):
+    """A 2-layer model of the LLaMA family (Qwen2: biased q/k/v projections; Gemma2: its own norms and
+    attention scaling), 4 query heads of 8 channels."""
+    config_class, model_class = (getattr(transformers, name) for name in FAMILIES[family])
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=kv_heads, vocab_size=50, max_position_embeddings=16,
-                                      tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config).eval()
+    config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=kv_heads, head_dim=8, vocab_size=50, max_position_embeddings=16,
+                          tie_word_embeddings=False)
+    model = model_class(config).eval()
     return model, {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
 
 
@@ -43,12 +50,13 @@ def test_mlps_and_rmsnorm_hidden_width_fuse_exactly():
         assert (plain(**inputs).logits - expected).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi-head", "grouped-query"])
-def test_heads_fuse_exactly_in_units_of_a_key_value_head(kv_heads):
+@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("gemma2", 2)],
+                         ids=["llama-multi-head", "llama-grouped-query", "qwen2", "gemma2"])
+def test_heads_fuse_exactly_in_units_of_a_key_value_head(family, kv_heads):
     """Query heads 2m+1 (with grouped key/value heads: the query heads of key/value head 2m+1, and that
     key/value head) duplicate those of 2m; their output-projection columns are halved so that magnitude
     importance keeps the even units."""
-    model, inputs = _llama(kv_heads)
+    model, inputs = _llama(kv_heads, family)
     unit = 8 * 4 // kv_heads  # head_dim 8, 4 query heads
     duplicate_odd_units(model, inputs, include=["*.q_proj"], units={"*.q_proj": unit})
     with torch.no_grad():
@@ -67,16 +75,16 @@ def test_heads_fuse_exactly_in_units_of_a_key_value_head(kv_heads):
     with torch.no_grad():
         assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
         assert (plain(**inputs).logits - expected).abs().max() > 1e-2
-    fresh, _ = _llama(kv_heads)
+    fresh, _ = _llama(kv_heads, family)
     replay_history(fresh, [report.removals])
     fresh.load_state_dict(fused.state_dict())
     with torch.no_grad():
         assert torch.equal(fresh(**inputs).logits, fused(**inputs).logits)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["multi-head", "grouped-query"])
-def test_one_call_prunes_heads_mlps_and_hidden_width(kv_heads):
-    model, inputs = _llama(kv_heads)
+@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma2", 2)])
+def test_one_call_prunes_heads_mlps_and_hidden_width(family, kv_heads):
+    model, inputs = _llama(kv_heads, family)
     report = prune(model, inputs, 0.5)
     assert not report.unsupported
     assert {g.name: g.width_after for g in report.groups} == {
