@@ -90,5 +90,9 @@ def test_one_call_prunes_heads_mlps_and_hidden_width(family, kv_heads):
     assert {g.name: g.width_after for g in report.groups} == {
         "model.layers.0.mlp.up_proj": 32, "model.layers.1.mlp.up_proj": 32, "model.layers.1.mlp.down_proj": 16,
         "model.layers.0.self_attn.q_proj": 16, "model.layers.1.self_attn.q_proj": 16}
+    fresh, _ = _llama(kv_heads, family)  # how a pruned checkpoint is reloaded: config model, replay, weights
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert model(**inputs).logits.shape == (2, 8, 50)
+        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
