@@ -24,7 +24,6 @@ from lightning_intrafusion.attention import PrunableMultiheadAttention, paramete
 from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion import grouped_attention, packed_attention
-from lightning_intrafusion.packed_attention import is_packed_attention
 from lightning_intrafusion.surgery import (extra_pruners, is_grouped_conv, output_dim, parameter_owner,
                                            transposed_linear_types)
 
@@ -129,7 +128,8 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 
 def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
-    then the attention heads of every ``nn.MultiheadAttention`` the model ran.
+    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2) and grouped key/value
+    (LLaMA family) attention layer the model ran.
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
     (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.
@@ -139,7 +139,7 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
     # attention layers recognised by their attributes: their heads come from the modules below, not
     # from Torch-Pruning's groups of their projections (which it cannot resolve)
-    packed = {name: m for name, m in graph.model.named_modules() if is_packed_attention(m) and m.c_attn in graph.module2node}
+    packed = {name: m for name, m in graph.model.named_modules() if packed_attention.is_packed_attention(m) and m.c_attn in graph.module2node}
     grouped = {name: m for name, m in graph.model.named_modules()
                if grouped_attention.is_grouped_attention(m) and m.q_proj in graph.module2node}
     own_heads = {m.c_attn for m in packed.values()} | {p for m in grouped.values() for p in (m.q_proj, m.k_proj, m.v_proj)}
