@@ -10,7 +10,7 @@ when, it removes heads from it; its state dict then loads into a converted fresh
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -183,7 +183,30 @@ LAYOUTS: Dict[str, Dict[str, Tuple[int, int, str]]] = {
 SIDES = tuple(LAYOUTS)
 
 
-def parameter_slot(module: nn.MultiheadAttention, attr: str) -> Tuple[nn.Module, str]:
+Layout = Dict[str, Tuple[int, int, str]]  # parameter -> (dim, copies, role), as in LAYOUTS
+
+
+def parameter_slot(module: nn.Module, attr: str) -> Tuple[nn.Module, str]:
     """The module and attribute holding ``attr`` (``"out_proj.weight"`` lives on ``module.out_proj``)."""
     owner, _, leaf = attr.rpartition(".")
-    return (module.out_proj if owner else module), leaf
+    return (module.get_submodule(owner) if owner else module), leaf
+
+
+def section_positions(width: int, copies: int) -> Tensor:
+    """``(width, copies)``: projection channel ``c`` sits at ``c + s * width`` in section ``s`` (the query,
+    key and value sections of a packed projection, or one section)."""
+    channels = torch.arange(width)
+    return torch.stack([channels + s * width for s in range(copies)], dim=1)
+
+
+def surviving_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],
+                      layout: Layout) -> Optional[Tuple[int, Tensor]]:
+    """For parameter ``attr`` of a layer laid out as ``layout``, shaped ``old_shape`` before its channels
+    ``idxs`` were removed (from every section): (dim, surviving indices), or None if ``attr`` holds none."""
+    if attr not in layout:
+        return None
+    dim, copies, _ = layout[attr]
+    width = old_shape[dim] // copies
+    removed = set(int(i) for i in idxs)
+    keep = torch.tensor([c for c in range(width) if c not in removed], dtype=torch.long)
+    return dim, torch.cat([keep + s * width for s in range(copies)])

@@ -19,11 +19,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_intrafusion import grouped_attention, packed_attention
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
-from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, projection_width
+from lightning_intrafusion.attention import (Layout, PrunableMultiheadAttention, parameter_slot, projection_width,
+                                             section_positions)
 from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
-from lightning_intrafusion import grouped_attention, packed_attention
 from lightning_intrafusion.surgery import (extra_pruners, is_grouped_conv, output_dim, parameter_owner,
                                            transposed_linear_types)
 
@@ -259,14 +260,13 @@ def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
     """The projection channels of an attention layer, in units of whole heads: query, key and value
     rows produce them, the output projection's columns consume them."""
     width = projection_width(module)
-    channels = torch.arange(width)
-    positions = {copies: torch.stack([channels + c * width for c in range(copies)], dim=1) for copies in (1, 3)}
     slices, targets = [], {}
-    for key, target, made in _attention_slices(name, module, "heads", lambda copies: positions[copies]):
+    for key, target, made in _attention_slices(name, module, ATTENTION_LAYOUTS["heads"],
+                                               lambda copies: section_positions(width, copies)):
         slices.append(made)
         targets[key] = target
     return PrunableGroup(name, width, slices, [], [name], [name, f"{name}.out_proj"], unit=module.head_dim,
-                         targets=targets, layers=[(module, "heads", positions[1])], root_module=module)
+                         targets=targets, layers=[(module, "heads", section_positions(width, 1))], root_module=module)
 
 
 def _packed_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
@@ -274,17 +274,13 @@ def _packed_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     of whole heads: the three sections of ``c_attn``'s outputs produce them, ``c_proj``'s inputs consume them."""
     width = module.split_size
     slices, targets = [], {}
-    for attr, (dim, copies, role) in packed_attention.layout(module, output_dim).items():
-        layer_attr, leaf = attr.split(".")
-        owner = getattr(module, layer_attr)
-        key = f"{name}.{attr}"
-        slices.append(ChannelSlice(key, getattr(owner, leaf), dim, packed_attention.positions(width, copies), role,
-                                   is_feature=leaf == "weight"))
-        targets[key] = (owner, leaf)
+    for key, target, made in _attention_slices(name, module, packed_attention.layout(module, output_dim),
+                                               lambda copies: section_positions(width, copies)):
+        slices.append(made)
+        targets[key] = target
     return PrunableGroup(name, width, slices, [], [f"{name}.c_attn"], [name, f"{name}.c_attn", f"{name}.c_proj"],
                          unit=module.head_dim, targets=targets,
-                         layers=[(module, packed_attention.SIDE, packed_attention.positions(width, 1))],
-                         root_module=module.c_attn)
+                         layers=[(module, packed_attention.SIDE, section_positions(width, 1))], root_module=module.c_attn)
 
 
 def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
@@ -311,12 +307,12 @@ def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
                          layers=layers, root_module=module.q_proj)
 
 
-def _attention_slices(name: str, module: nn.MultiheadAttention, side: str,
+def _attention_slices(name: str, module: nn.Module, layout: Layout,
                       positions: Callable[[int], torch.Tensor]) -> List[Tuple[str, Tuple[nn.Module, str], ChannelSlice]]:
-    """(key, (owner, attribute), slice) of every tensor of an attention layer holding the channels of
-    ``side`` (see :data:`~lightning_intrafusion.attention.LAYOUTS`); ``positions(copies)`` places them."""
+    """(key, (owner, attribute), slice) of every tensor of an attention layer that ``layout`` places
+    channels in (see :data:`~lightning_intrafusion.attention.LAYOUTS`); ``positions(copies)`` places them."""
     out = []
-    for attr, (dim, copies, role) in ATTENTION_LAYOUTS[side].items():
+    for attr, (dim, copies, role) in layout.items():
         owner, leaf = parameter_slot(module, attr)
         tensor = getattr(owner, leaf, None)
         if tensor is not None:
@@ -383,7 +379,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
                 unsupported = f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim"
                 continue
             layers.append((module, "embed", positions))
-            for key, target, made_slice in _attention_slices(name, module, "embed", lambda copies: positions):
+            for key, target, made_slice in _attention_slices(name, module, ATTENTION_LAYOUTS["embed"], lambda copies: positions):
                 if key not in targets:
                     slices.append(made_slice)
                     targets[key] = target

@@ -3,21 +3,17 @@ moments) sliced to the channels that were kept, matched by parameter name."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_intrafusion import packed_attention
+from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
+from lightning_intrafusion.attention import surviving_indices
 from lightning_intrafusion.execution import eager
-from lightning_intrafusion.surgery import (
-    complement,
-    is_grouped_conv,
-    output_dim,
-    select_grouped_inputs,
-    surviving_attention_indices,
-)
+from lightning_intrafusion.surgery import complement, is_grouped_conv, output_dim, select_grouped_inputs
 
 
 def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
@@ -89,16 +85,14 @@ def restore_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], module:
 def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
               removals: Sequence[Tuple[str, str, List[int]]], modules: Mapping[str, nn.Module]) -> Callable[[Tensor], Tensor]:
     """How a tensor shaped like parameter ``name`` before the step becomes one shaped like it after."""
-    kept = _attention_kept(name, old_shape, removals)
-    if kept is not None:
-        return lambda value: slice_state(value, kept)
     bare = any(r[0] == name and r[1].startswith("dim") for r in removals)
     module_name = name if bare else (name.rsplit(".", 1)[0] if "." in name else "")
     layer = modules.get(module_name)
-    heads = _packed_heads_kept(name, old_shape, removals, modules)
-    if heads:  # the other dim (hidden width) may have shrunk too, by a removal of the layer itself
+    heads = _attention_kept(name, old_shape, removals, modules)
+    if heads:  # another dim (a packed layer's hidden width) may have shrunk too, by a removal of the layer itself
         rest_shape = tuple(old if dim in heads else new for dim, (old, new) in enumerate(zip(old_shape, new_shape)))
-        rest = kept_indices(old_shape, rest_shape, removals, module_name, output_dim(layer) if len(old_shape) > 1 else 0)
+        rest = kept_indices(old_shape, rest_shape, removals, module_name,
+                            output_dim(layer) if layer is not None and len(old_shape) > 1 else 0)
         return lambda value: slice_state(value, {**rest, **heads})
     grouped_inputs = [idxs for n, side, idxs in removals if n == module_name and side == "in"]
     if layer is not None and is_grouped_conv(layer) and name.endswith("weight") and grouped_inputs:
@@ -110,25 +104,21 @@ def _selector(name: str, old_shape: Tuple[int, ...], new_shape: Tuple[int, ...],
     return lambda value: slice_state(value, kept)
 
 
-def _packed_heads_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
-                       modules: Mapping[str, nn.Module]) -> Dict[int, Tensor]:
-    """Surviving indices of a parameter of a packed-qkv attention layer that lost heads (by the dim)."""
+def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
+                    modules: Mapping[str, nn.Module]) -> Dict[int, Tensor]:
+    """Surviving indices (by dim) of a parameter of an attention layer that lost heads or embedding
+    channels (``nn.MultiheadAttention``) or heads (a packed-qkv layer)."""
     kept: Dict[int, Tensor] = {}
     for module_name, side, idxs in removals:
-        if side == packed_attention.SIDE and name.startswith(module_name + ".") and module_name in modules:
-            parameters = packed_attention.layout(modules[module_name], output_dim)
-            found = packed_attention.surviving_indices(name[len(module_name) + 1:], old_shape, idxs, parameters)
-            if found is not None:
-                kept[found[0]] = found[1]
+        if not name.startswith(module_name + "."):
+            continue
+        if side in ATTENTION_SIDES:
+            layout = ATTENTION_LAYOUTS[side]
+        elif side == packed_attention.SIDE and module_name in modules:
+            layout = packed_attention.layout(modules[module_name], output_dim)
+        else:
+            continue
+        found = surviving_indices(name[len(module_name) + 1:], old_shape, idxs, layout)
+        if found is not None:
+            kept[found[0]] = found[1]
     return kept
-
-
-def _attention_kept(name: str, old_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]]) -> Optional[Dict[int, Tensor]]:
-    """Surviving indices of a parameter of an attention layer that lost heads or embedding channels."""
-    kept: Dict[int, Tensor] = {}
-    for module_name, side, idxs in removals:
-        if side in ATTENTION_SIDES and name.startswith(module_name + "."):
-            found = surviving_attention_indices(name[len(module_name) + 1:], old_shape, idxs, side)
-            if found is not None:
-                kept[found[0]] = found[1]
-    return kept or None

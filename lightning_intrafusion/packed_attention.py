@@ -5,15 +5,15 @@ channels, and projects the concatenated heads with ``c_proj``. Head ``h`` owns c
 ``h * head_dim ... (h + 1) * head_dim - 1`` of each of the three sections of ``c_attn``'s outputs and the
 same channels of ``c_proj``'s inputs. The dependency graph cannot follow the split (it maps the three
 sections onto ``c_proj`` beyond its width), so these layers are recognised by their attributes and
-their heads handled here: which tensors hold a head's channels, and which survive a removal.
+their heads handled here: which tensors hold a head's channels, in which sections.
 """
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
-
 import torch
 from torch import nn
+
+from lightning_intrafusion.attention import Layout
 
 SIDE = "packed_heads"  # removal record: (attention layer name, SIDE, projection channels)
 
@@ -31,30 +31,12 @@ def is_packed_attention(module: nn.Module) -> bool:
     return num_heads * head_dim == split_size and 3 * split_size in c_attn.weight.shape
 
 
-def layout(module: nn.Module, output_dim) -> Dict[str, Tuple[int, int, str]]:
-    """``{parameter: (dim, copies, role)}`` of the tensors holding a packed layer's projection channels
-    (``output_dim(layer)``: the weight dim that indexes a layer's outputs)."""
+def layout(module: nn.Module, output_dim) -> Layout:
+    """``{parameter: (dim, copies, role)}`` of the tensors holding a packed layer's projection channels,
+    as :data:`~lightning_intrafusion.attention.LAYOUTS` (``output_dim(layer)``: the weight dim that indexes
+    a layer's outputs)."""
     out = {"c_attn.weight": (output_dim(module.c_attn), 3, "producer"),
            "c_proj.weight": (1 - output_dim(module.c_proj), 1, "consumer")}
     if getattr(module.c_attn, "bias", None) is not None:
         out["c_attn.bias"] = (0, 3, "producer")
     return out
-
-
-def positions(width: int, copies: int) -> torch.Tensor:
-    """``(width, copies)``: channel ``c`` sits at ``c + s * width`` in section ``s``."""
-    channels = torch.arange(width)
-    return torch.stack([channels + s * width for s in range(copies)], dim=1)
-
-
-def surviving_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],
-                      parameters: Dict[str, Tuple[int, int, str]]) -> Optional[Tuple[int, torch.Tensor]]:
-    """For parameter ``attr`` of a packed layer, shaped ``old_shape`` before projection channels ``idxs``
-    were removed: (dim, surviving indices), or None if it holds no projection channels."""
-    if attr not in parameters:
-        return None
-    dim, copies, _ = parameters[attr]
-    width = old_shape[dim] // copies
-    removed = set(int(i) for i in idxs)
-    keep = torch.tensor([c for c in range(width) if c not in removed], dtype=torch.long)
-    return dim, torch.cat([keep + s * width for s in range(copies)])

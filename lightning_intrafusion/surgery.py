@@ -10,16 +10,16 @@ class rebuilds the pruned shapes (so ``load_state_dict`` works on pruned checkpo
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
+from lightning_intrafusion import packed_attention
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
-from lightning_intrafusion import packed_attention
-from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot
+from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, surviving_indices
 from lightning_intrafusion.execution import eager
 
 # (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), or (attention layer name,
@@ -154,7 +154,7 @@ def remove_attention_channels(model: nn.Module, name: str, side: str, idxs: Sequ
         param = getattr(owner, leaf)
         if param is None:
             continue
-        dim, keep = surviving_attention_indices(attr, param.shape, idxs, side)
+        dim, keep = surviving_indices(attr, param.shape, idxs, ATTENTION_LAYOUTS[side])
         # a new Parameter, not new .data: autograd remembers the shape of the old one
         setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
                                           requires_grad=param.requires_grad))
@@ -170,44 +170,13 @@ def remove_packed_heads(model: nn.Module, name: str, idxs: Sequence[int]) -> Non
     if not packed_attention.is_packed_attention(module):
         raise ValueError(f"pruning history names {name!r} as a packed-qkv attention layer, but it is a "
                          f"{type(module).__name__}")
-    width, head_dim = module.split_size, module.head_dim
-    if len(set(idxs)) >= width or len(set(idxs)) % head_dim:
+    width, head_dim, removed = module.split_size, module.head_dim, sorted(set(int(i) for i in idxs))
+    if len(removed) >= width or len(removed) % head_dim:
         raise ValueError(f"cannot remove {len(idxs)} channels from {name!r} (width {width}, head_dim {head_dim})")
-    parameters = packed_attention.layout(module, output_dim)
-    for attr in parameters:
-        layer_attr, leaf = attr.split(".")
-        owner = getattr(module, layer_attr)
-        param = getattr(owner, leaf)
-        dim, keep = packed_attention.surviving_indices(attr, param.shape, idxs, parameters)
-        setattr(owner, leaf, nn.Parameter(param.data.index_select(dim, keep.to(param.device)),
-                                          requires_grad=param.requires_grad))
-    module.split_size = width - len(set(idxs))
+    pruning_function(module.c_attn, "out")(module.c_attn, [i + s * width for s in range(3) for i in removed])
+    pruning_function(module.c_proj, "in")(module.c_proj, removed)
+    module.split_size = width - len(removed)
     module.num_heads = module.split_size // head_dim
-    for layer, side in ((module.c_attn, "out"), (module.c_proj, "in")):
-        _record_width(layer, side)
-
-
-def _record_width(layer: nn.Module, side: str) -> None:
-    """Update a layer's width attributes (``nf``/``nx`` of ``Conv1D``, ``in/out_features``) to its weight."""
-    out = layer.weight.shape[output_dim(layer)]
-    inp = layer.weight.shape[1 - output_dim(layer)]
-    names = {"out": ("nf", "out_features"), "in": ("nx", "in_features")}[side]
-    for attr in names:
-        if hasattr(layer, attr):
-            setattr(layer, attr, out if side == "out" else inp)
-
-
-def surviving_attention_indices(attr: str, old_shape: Sequence[int], idxs: Sequence[int],
-                                side: str = "heads") -> Optional[Tuple[int, torch.Tensor]]:
-    """For parameter ``attr`` (e.g. ``"in_proj_weight"``, ``"out_proj.weight"``) of an attention layer,
-    of shape ``old_shape`` before the ``side`` channels ``idxs`` were removed: (dim, surviving
-    indices), or None if ``attr`` holds no such channels."""
-    if attr not in ATTENTION_LAYOUTS[side]:
-        return None
-    dim, copies, _ = ATTENTION_LAYOUTS[side][attr]
-    width = old_shape[dim] // copies
-    keep = torch.tensor(complement(width, idxs), dtype=torch.long)
-    return dim, torch.cat([keep + c * width for c in range(copies)])
 
 
 def is_grouped_conv(module: nn.Module) -> bool:
