@@ -119,10 +119,10 @@ def prune(
         snapshot = ModelSnapshot(model)
         try:
             # distilled from the statistics of the model as it is now, re-estimated after pruning
-            synthetic = None
+            batches, calibration = calibration_data, "" if calibration_data is None else "data"
             if calibration_data == "synthetic":
                 log("distilling calibration inputs from the model's BatchNorm statistics")
-                synthetic = synthesize_inputs(model, example_inputs)
+                batches, calibration = synthesize_inputs(model, example_inputs), "synthetic"
             try:
                 group_reports, removals, skipped = step.run(model)
             except ForwardBrokenError:
@@ -133,9 +133,9 @@ def prune(
                 snapshot.restore()
                 log("the pruned model no longer runs: trying each group on its own")
                 group_reports, removals, skipped = step.run(model, leave_out=step.groups_breaking_the_forward(model))
-            if calibration_data is not None:
+            if calibration:
                 log("re-estimating BatchNorm statistics")
-                recalibrate_batchnorm(model, synthetic if synthetic is not None else calibration_data, calibration_batches)
+                recalibrate_batchnorm(model, batches, calibration_batches)
         except BaseException:
             snapshot.restore()
             raise
@@ -146,9 +146,7 @@ def prune(
         report = PruneReport(
             method=method, sparsity=float(sparsity), params_before=params_before, params_after=params_after,
             macs_before=macs_before, macs_after=macs_after, seconds=time.perf_counter() - start,
-            groups=group_reports, skipped=skipped, calibrated=calibration_data is not None,
-            calibration=("synthetic" if synthetic is not None else "data") if calibration_data is not None else "",
-            removals=[list(r) for r in removals],
+            groups=group_reports, skipped=skipped, calibration=calibration, removals=[list(r) for r in removals],
         )
         log(str(report))
         if report.unsupported:

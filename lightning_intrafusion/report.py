@@ -33,9 +33,13 @@ class PruneReport:
     seconds: float
     groups: List[GroupReport] = field(default_factory=list)
     skipped: Dict[str, str] = field(default_factory=dict)
-    calibrated: bool = False
     calibration: str = ""  # where the re-estimated BN statistics came from: "data", "synthetic" or "" (none)
     removals: List[Any] = field(default_factory=list)  # [module, side, indices]: replayable record
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether BatchNorm statistics were re-estimated after pruning (on data or synthetic inputs)."""
+        return bool(self.calibration)
 
     @property
     def channels_before(self) -> int:
@@ -64,7 +68,7 @@ class PruneReport:
 
     def to_dict(self) -> Dict[str, Any]:
         out = asdict(self)
-        out.update(achieved_sparsity=self.achieved_sparsity, param_reduction=self.param_reduction,
+        out.update(calibrated=self.calibrated, achieved_sparsity=self.achieved_sparsity, param_reduction=self.param_reduction,
                    mac_reduction=self.mac_reduction)
         return out
 
