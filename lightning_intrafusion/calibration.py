@@ -19,7 +19,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
     ``batches``. Only BN layers are switched to train mode; the rest of the model (dropout, ...) runs in
     eval mode, and every module's mode is restored afterwards. Returns the number of batches used.
     On any error (no batch, a batch the model rejects) the old statistics are put back."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    norms = list(tracking_batchnorms(model).values())
     if not norms:
         return 0
     momenta = {m: m.momentum for m in norms}
@@ -68,8 +68,7 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
     running statistics (nothing is modified; modes are restored). Keyed by module name, in model order.
     After a data-free pruning step this shows whether re-estimating the statistics
     (:func:`recalibrate_batchnorm`) is worth it."""
-    norms = {name: m for name, m in model.named_modules()
-             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    norms = tracking_batchnorms(model)
     inputs_seen: Dict[str, _Moments] = {name: _Moments() for name in norms}
     outputs_seen: Dict[str, _Moments] = {name: _Moments() for name in norms}
 
@@ -98,6 +97,12 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
             output_variance=outputs_seen[name].mean_and_variance()[1].float(),
         )
     return drift
+
+
+def tracking_batchnorms(model: nn.Module) -> Dict[str, nn.Module]:
+    """The BatchNorm layers of ``model`` that keep running statistics, by name, in model order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
 def _run(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], label: str) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from lightning_intrafusion.calibration import tracking_batchnorms
 from lightning_intrafusion.execution import call_model, preserved_modes
 
 
@@ -38,8 +39,7 @@ def synthesize_inputs(
     """
     if int(num_samples) < 2 or int(steps) < 0 or not lr > 0:
         raise ValueError(f"need num_samples >= 2, steps >= 0 and lr > 0, got {num_samples}, {steps}, {lr}")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-             and m.running_mean is not None]
+    norms = list(tracking_batchnorms(model).values())
     if not norms:
         raise ValueError("synthetic calibration inputs are distilled from BatchNorm running statistics, and the model "
                          "has no BatchNorm that tracks them")
