@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_intrafusion import grouped_attention, packed_attention
+from lightning_intrafusion import grouped_attention, packed_attention, packed_mlp
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import (Layout, PrunableMultiheadAttention, parameter_slot, projection_width,
                                              section_positions)
@@ -130,7 +130,8 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
     then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2) and grouped key/value
-    (LLaMA family) attention layer the model ran.
+    (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with packed gate
+    and up projections (Phi-3).
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
     (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.
@@ -138,13 +139,16 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
-    # attention layers recognised by their attributes: their heads come from the modules below, not
-    # from Torch-Pruning's groups of their projections (which it cannot resolve)
+    # attention layers and packed MLPs recognised by their attributes: their channels come from the modules
+    # below, not from Torch-Pruning's groups of their projections (which it cannot resolve)
     packed = {name: m for name, m in graph.model.named_modules() if packed_attention.is_packed_attention(m) and m.c_attn in graph.module2node}
     grouped = {name: m for name, m in graph.model.named_modules()
                if grouped_attention.is_grouped_attention(m) and m.q_proj in graph.module2node}
-    own_heads = {m.c_attn for m in packed.values()} | {p for m in grouped.values() for p in (m.q_proj, m.k_proj, m.v_proj)}
-    for root, tp_group in _tp_groups(graph, roots, names, skip=own_heads):
+    gated = {name: m for name, m in graph.model.named_modules()
+             if getattr(m, "gate_up_proj", None) in graph.module2node and packed_mlp.is_packed_gated_mlp(m)}
+    own = ({m.c_attn for m in packed.values()} | {p for m in grouped.values() for p in (m.q_proj, m.k_proj, m.v_proj)}
+           | {m.gate_up_proj for m in gated.values()})
+    for root, tp_group in _tp_groups(graph, roots, names, skip=own):
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
             yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
@@ -158,6 +162,8 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
         yield _refuse_tied(_packed_attention_heads(name, module), tied)
     for name, module in grouped.items():
         yield _refuse_tied(_grouped_attention_heads(name, module), tied)
+    for name, module in gated.items():
+        yield _refuse_tied(_packed_mlp_neurons(name, module), tied)
 
 
 GROUP_SECONDS = 5.0  # longest a single group may take to resolve; real groups take milliseconds
@@ -287,24 +293,40 @@ def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     """The query channels of an attention layer with grouped key/value heads, in units of one key/value
     head and its query heads: the query, key and value projections produce them (every query channel
     reads the key/value channel it attends with), the output projection's columns consume them."""
-    where = grouped_attention.positions(module)
-    parts = [("q_proj", "query", "producer", 0), ("k_proj", "key_value", "producer", 0),
-             ("v_proj", "key_value", "producer", 0), ("o_proj", "query", "consumer", 1)]
+    out_name = grouped_attention.output_projection(module)
+    parts = [("q_proj", "query", "producer"), ("k_proj", "key_value", "producer"),
+             ("v_proj", "key_value", "producer"), (out_name, "query", "consumer")]
+    return _linear_layers_group(name, module, parts, grouped_attention.positions(module), grouped_attention.unit(module))
+
+
+def _packed_mlp_neurons(name: str, module: nn.Module) -> PrunableGroup:
+    """The neurons of a gated MLP with packed gate and up projections: each produced by two rows of
+    ``gate_up_proj`` (its gate and its up row), consumed by a column of ``down_proj``."""
+    parts = [("gate_up_proj", "gate_up_proj", "producer"), ("down_proj", "down_proj", "consumer")]
+    return _linear_layers_group(name, module, parts, packed_mlp.positions(module))
+
+
+def _linear_layers_group(name: str, module: nn.Module, parts: Sequence[Tuple[str, str, str]],
+                         where: Dict[str, torch.Tensor], unit: int = 1) -> PrunableGroup:
+    """A group of channels that ``nn.Linear`` children of ``module`` produce (output rows and biases) and
+    consume (input columns): ``parts`` lists (child, key of its positions in ``where``, role); the first
+    child is the group's root. Removal is plain layer pruning, replayed like any other."""
     slices, targets, layers = [], {}, []
-    for layer_name, kind, role, dim in parts:
+    for layer_name, kind, role in parts:
         layer = getattr(module, layer_name)
         for leaf in ("weight", "bias") if role == "producer" else ("weight",):
             if getattr(layer, leaf, None) is None:
                 continue
             key = f"{name}.{layer_name}.{leaf}"
-            slices.append(ChannelSlice(key, getattr(layer, leaf), dim if leaf == "weight" else 0, where[kind], role,
-                                       is_feature=leaf == "weight"))
+            dim = 1 if role == "consumer" else 0
+            slices.append(ChannelSlice(key, getattr(layer, leaf), dim, where[kind], role, is_feature=leaf == "weight"))
             targets[key] = (layer, leaf)
         layers.append((layer, "out" if role == "producer" else "in", where[kind]))
-    producers = [f"{name}.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-    return PrunableGroup(f"{name}.q_proj", module.q_proj.out_features, slices, [], producers,
-                         producers + [f"{name}.o_proj"], unit=grouped_attention.unit(module), targets=targets,
-                         layers=layers, root_module=module.q_proj)
+    producers = [f"{name}.{layer_name}" for layer_name, _, role in parts if role == "producer"]
+    root = getattr(module, parts[0][0])
+    return PrunableGroup(producers[0], len(where[parts[0][1]]), slices, [], producers,
+                         [f"{name}.{layer_name}" for layer_name, _, _ in parts], unit=unit, targets=targets,
+                         layers=layers, root_module=root)
 
 
 def _attention_slices(name: str, module: nn.Module, layout: Layout,

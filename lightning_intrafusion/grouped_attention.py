@@ -1,6 +1,6 @@
 """Heads of attention layers with separate query/key/value/output projections and grouped key/value
 heads (Hugging Face LLaMA, Mistral, Qwen2: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim``,
-``num_key_value_groups``).
+``num_key_value_groups``; Phi names the output projection ``dense``).
 
 Rotary position embeddings slice and re-concatenate each head's dimensions, which the dependency graph
 cannot follow (with grouped key/value heads its search never ends), but they act within a head: whole
@@ -12,19 +12,29 @@ layer's forward reads the head count from the projections' widths, so removing t
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
+
+OUTPUT_PROJECTIONS = ("o_proj", "dense")  # LLaMA family; Phi
+
+
+def output_projection(module: nn.Module) -> Optional[str]:
+    """The attribute name of the layer's output projection (an ``nn.Linear``), or None."""
+    return next((name for name in OUTPUT_PROJECTIONS if isinstance(getattr(module, name, None), nn.Linear)), None)
 
 
 def is_grouped_attention(module: nn.Module) -> bool:
     """Separate ``nn.Linear`` query/key/value/output projections, ``head_dim`` and ``num_key_value_groups``
     consistent with their widths (query heads = key/value heads x groups)."""
-    layers = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    out_name = output_projection(module)
+    layers = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
     head_dim, groups = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", None)
-    if not all(isinstance(layer, nn.Linear) for layer in layers) or not isinstance(head_dim, int) or not isinstance(groups, int):
+    if (out_name is None or not all(isinstance(layer, nn.Linear) for layer in layers)
+            or not isinstance(head_dim, int) or not isinstance(groups, int)):
         return False
+    layers.append(getattr(module, out_name))
     q, k, v, o = layers
     return (head_dim > 0 and groups > 0 and k.out_features == v.out_features and k.out_features % head_dim == 0
             and q.out_features == groups * k.out_features == o.in_features)

@@ -64,9 +64,9 @@ def needs_gradients(importance: Any) -> bool:
 
 
 def score_slices(importance: Any, slices: Sequence[ChannelSlice], group_name: str) -> Tensor:
-    """Scores of a group that Torch-Pruning's criteria cannot score (the heads of an
-    ``nn.MultiheadAttention``, Hugging Face ``Conv1D`` layers), computed from its weight tensors with
-    the same criterion as ``importance``."""
+    """Scores of a group that Torch-Pruning's criteria cannot score (attention heads, packed projections,
+    Hugging Face ``Conv1D`` layers), computed from its weight tensors with the same criterion as
+    ``importance``."""
     features = [s for s in slices if s.is_feature]
     n = features[0].positions.shape[0]
     if isinstance(importance, tp.importance.RandomImportance):
@@ -85,6 +85,7 @@ def score_slices(importance: Any, slices: Sequence[ChannelSlice], group_name: st
         p = float(getattr(importance, "p", 2))
         return sum(s.rows().abs().pow(p).sum(1) for s in features)
     raise TypeError(
-        f"a custom importance is called with a Torch-Pruning group, and group {group_name!r} (attention "
-        f"heads) has none; use one of {list(IMPORTANCES)} or exclude={[group_name]!r}"
+        f"a custom importance is called with a Torch-Pruning group, and group {group_name!r} has none (its "
+        f"layers were recognised by their attributes: attention heads or packed projections); use one of "
+        f"{list(IMPORTANCES)} or exclude={[group_name]!r}"
     )

@@ -1,0 +1,156 @@
+"""Hugging Face Phi and Phi-3 (built from small configs, nothing downloaded). Phi's attention has separate
+q/k/v projections, partial rotary embeddings and an output projection named ``dense``; Phi-3 packs its
+MLP's gate and up projections in one layer (``gate_up_proj``, chunked in two in the forward), which the
+dependency graph cannot follow, and its query/key/value in another (``qkv_proj``, split by a head count
+the forward reads from the shared config, so its heads are left whole)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_same_state, duplicate_odd_units, state
+from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
+from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
+from lightning_intrafusion.packed_mlp import is_packed_gated_mlp
+from lightning_intrafusion.surgery import replay_history
+
+transformers = pytest.importorskip("transformers")
+
+
+def _phi3():
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=50, max_position_embeddings=16,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    return transformers.Phi3ForCausalLM(config).eval(), {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
+
+
+def _phi():
+    torch.manual_seed(0)
+    config = transformers.PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=50, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+    return transformers.PhiForCausalLM(config).eval(), {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
+
+
+def test_packed_gate_and_up_neurons_fuse_exactly():
+    """Neuron 2m+1 (its gate row and its up row) duplicates neuron 2m. Every row and column has unit norm
+    but odd neurons' ``down_proj`` columns, halved, so that magnitude keeps the even neurons (custom
+    importance objects cannot score groups without a Torch-Pruning group). Fusion keeps the outputs,
+    plain pruning of the same neurons does not."""
+    model, inputs = _phi3()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            mlp.gate_up_proj.weight.div_(mlp.gate_up_proj.weight.norm(dim=1, keepdim=True))
+            mlp.down_proj.weight.div_(mlp.down_proj.weight.norm(dim=0, keepdim=True))
+            mlp.down_proj.weight[:, 1::2] *= 0.5
+    duplicate_odd_units(model, inputs, include=["*.gate_up_proj"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, inputs, 0.5, importance="l2", include=["*.gate_up_proj"], ot_config=OTConfig(features="producer"))
+    prune(plain, inputs, 0.5, importance="l2", include=["*.gate_up_proj"], method="default")
+    assert [(g.name, g.width_before, g.width_after, g.merged) for g in report.groups] == [
+        (f"model.layers.{i}.mlp.gate_up_proj", 64, 32, 32) for i in range(2)]
+    mlp = fused.model.layers[0].mlp
+    assert mlp.gate_up_proj.weight.shape == (64, 32) and mlp.down_proj.weight.shape == (32, 32)
+    with torch.no_grad():
+        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
+        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+
+
+def test_one_call_prunes_mlps_and_hidden_width_and_leaves_the_packed_heads_whole():
+    model, inputs = _phi3()
+    with pytest.warns(UserWarning, match="qkv_proj"):
+        report = prune(model, inputs, 0.5, on_unsupported="skip")
+    assert sorted(report.unsupported) == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]
+    assert {g.name: g.width_after for g in report.groups} == {
+        "model.layers.0.mlp.gate_up_proj": 32, "model.layers.1.mlp.gate_up_proj": 32, "model.layers.1.mlp.down_proj": 16}
+    assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (64, 16)
+    fresh, _ = _phi3()  # how a pruned checkpoint is reloaded: config model, replayed removals, weights
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (2, 8, 50)
+        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+
+
+def test_optimizer_state_of_packed_neurons_is_sliced_like_the_weights():
+    """Momentum equal to the weights before plain pruning equals them after: both halves of
+    ``gate_up_proj`` lose the rows of the removed neurons."""
+    model, inputs = _phi3()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = p.detach().clone()
+    saved = snapshot_optimizer_state([optimizer], model)
+    report = prune(model, inputs, 0.5, include=["*.gate_up_proj"], method="default")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    restore_optimizer_state([optimizer], model, saved, report.removals)
+    for p in model.parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach())
+
+
+def test_heads_of_attention_with_a_dense_output_projection_fuse_exactly():
+    """Phi: head 2m+1 duplicates head 2m (its output-projection columns halved so that magnitude keeps
+    the even heads); partial rotary embeddings act within a head."""
+    model, inputs = _phi()
+    duplicate_odd_units(model, inputs, include=["*.q_proj"], units={"*.q_proj": 8})
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for start in (8, 24):
+                layer.self_attn.dense.weight[:, start:start + 8] *= 0.5
+        expected = model(**inputs).logits
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, inputs, 0.5, include=["*.q_proj"], ot_config=OTConfig(features="producer"))
+    prune(plain, inputs, 0.5, include=["*.q_proj"], method="default")
+    assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
+        (f"model.layers.{i}.self_attn.q_proj", 16, 16) for i in range(2)]
+    attn = fused.model.layers[0].self_attn
+    assert attn.k_proj.weight.shape == (16, 32) and attn.dense.weight.shape == (32, 16)
+    with torch.no_grad():
+        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
+        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+
+
+def test_phi_is_pruned_whole_in_one_call():
+    model, inputs = _phi()
+    report = prune(model, inputs, 0.5)
+    assert not report.unsupported
+    assert {g.name for g in report.groups} >= {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
+    fresh, _ = _phi()
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+
+
+class _GatedMLP(nn.Module):
+    def __init__(self, interleaved: bool) -> None:
+        super().__init__()
+        self.interleaved = interleaved
+        self.gate_up_proj, self.down_proj = nn.Linear(8, 32), nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.gate_up_proj(x)
+        gate, up = (h[..., ::2], h[..., 1::2]) if self.interleaved else h.chunk(2, -1)
+        return self.down_proj(up * nn.functional.silu(gate))
+
+
+def test_packed_layout_is_confirmed_on_the_module_itself():
+    """``[gate | up]`` packing is recognised; an interleaved one (same names and shapes) is not, so its
+    neurons are never removed by the wrong rows."""
+    torch.manual_seed(0)
+    assert is_packed_gated_mlp(_GatedMLP(interleaved=False))
+    assert not is_packed_gated_mlp(_GatedMLP(interleaved=True))
+    x = torch.randn(4, 8)
+    packed = nn.Sequential(nn.Linear(8, 8), _GatedMLP(interleaved=False), nn.Linear(8, 3))
+    report = prune(packed, x, 0.5, include=["1.gate_up_proj"])
+    assert [(g.name, g.width_after) for g in report.groups] == [("1.gate_up_proj", 8)]
+    assert packed[1].gate_up_proj.weight.shape == (16, 8) and packed(x).shape == (4, 3)
+    interleaved = nn.Sequential(nn.Linear(8, 8), _GatedMLP(interleaved=True), nn.Linear(8, 3))
+    before = state(interleaved)
+    with pytest.raises(UnsupportedModelError, match="unevenly"):
+        prune(interleaved, x, 0.5, include=["1.gate_up_proj"])
+    assert_same_state(before, state(interleaved))
