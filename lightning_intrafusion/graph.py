@@ -19,7 +19,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from lightning_intrafusion import grouped_attention, packed_attention, packed_mlp
+from lightning_intrafusion import grouped_attention, interleaved_attention, packed_attention, packed_mlp
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import (Layout, PrunableMultiheadAttention, parameter_slot, projection_width,
                                              section_positions)
@@ -129,8 +129,8 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 
 def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
-    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2) and grouped key/value
-    (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with packed gate
+    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2, GPT-NeoX) and grouped
+    key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with packed gate
     and up projections (Phi-3).
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
@@ -144,10 +144,12 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     packed = {name: m for name, m in graph.model.named_modules() if packed_attention.is_packed_attention(m) and m.c_attn in graph.module2node}
     grouped = {name: m for name, m in graph.model.named_modules()
                if grouped_attention.is_grouped_attention(m) and m.q_proj in graph.module2node}
+    interleaved = {name: m for name, m in graph.model.named_modules()
+                   if interleaved_attention.is_interleaved_attention(m) and m.query_key_value in graph.module2node}
     gated = {name: m for name, m in graph.model.named_modules()
              if getattr(m, "gate_up_proj", None) in graph.module2node and packed_mlp.is_packed_gated_mlp(m)}
     own = ({m.c_attn for m in packed.values()} | {p for m in grouped.values() for p in (m.q_proj, m.k_proj, m.v_proj)}
-           | {m.gate_up_proj for m in gated.values()})
+           | {m.query_key_value for m in interleaved.values()} | {m.gate_up_proj for m in gated.values()})
     for root, tp_group in _tp_groups(graph, roots, names, skip=own):
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
@@ -162,6 +164,8 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
         yield _refuse_tied(_packed_attention_heads(name, module), tied)
     for name, module in grouped.items():
         yield _refuse_tied(_grouped_attention_heads(name, module), tied)
+    for name, module in interleaved.items():
+        yield _refuse_tied(_interleaved_attention_heads(name, module), tied)
     for name, module in gated.items():
         yield _refuse_tied(_packed_mlp_neurons(name, module), tied)
 
@@ -297,6 +301,13 @@ def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     parts = [("q_proj", "query", "producer"), ("k_proj", "key_value", "producer"),
              ("v_proj", "key_value", "producer"), (out_name, "query", "consumer")]
     return _linear_layers_group(name, module, parts, grouped_attention.positions(module), grouped_attention.unit(module))
+
+
+def _interleaved_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
+    """The projection channels of an attention layer whose heads' query, key and value rows lie together
+    in one projection (GPT-NeoX), in units of whole heads: those rows produce them, ``dense`` consumes them."""
+    parts = [("query_key_value", "query_key_value", "producer"), ("dense", "dense", "consumer")]
+    return _linear_layers_group(name, module, parts, interleaved_attention.positions(module), module.head_size)
 
 
 def _packed_mlp_neurons(name: str, module: nn.Module) -> PrunableGroup:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,25 @@ def duplicate_odd_units(model: nn.Module, example_inputs, include: Optional[Sequ
                 if (ch // unit) % 2 == 1:
                     src = ch - unit
                     tensor.index_copy_(s.dim, s.positions[ch], tensor.index_select(s.dim, s.positions[src]))
+
+
+def prune_with_mirrored_momentum(model: nn.Module, prune_step: Callable[[nn.Module], Any]) -> Any:
+    """Give every parameter SGD momentum equal to its values, run ``prune_step(model)`` (plain pruning, so
+    kept weights are unchanged), carry the state over with the report's removals, and assert that each
+    momentum buffer still equals its (now smaller) parameter: state sliced exactly like the weights.
+    Returns the report."""
+    from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for p in model.parameters():
+        optimizer.state[p]["momentum_buffer"] = p.detach().clone()
+    saved = snapshot_optimizer_state([optimizer], model)
+    report = prune_step(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert restore_optimizer_state([optimizer], model, saved, report.removals) == len(list(model.parameters()))
+    for name, p in model.named_parameters():
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
+    return report
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:

@@ -7,9 +7,8 @@ import copy
 import pytest
 import torch
 
-from helpers import EvenUnitsFirst, duplicate_odd_units
+from helpers import EvenUnitsFirst, duplicate_odd_units, prune_with_mirrored_momentum
 from lightning_intrafusion import UnsupportedModelError, prune
-from lightning_intrafusion.optimizers import restore_optimizer_state, snapshot_optimizer_state
 from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
@@ -49,16 +48,8 @@ def test_optimizer_state_of_conv1d_layers_is_sliced_like_the_weights(include):
     """Momentum equal to the weights before pruning equals them after: sliced exactly like them (Conv1D
     weights are (in, out); packed heads lose columns in each of c_attn's three sections)."""
     model, inputs = _gpt2()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for p in model.parameters():
-        optimizer.state[p]["momentum_buffer"] = p.detach().clone()
-    saved = snapshot_optimizer_state([optimizer], model)
-    report = prune(model, inputs, 0.5, include=include, method="default")
+    report = prune_with_mirrored_momentum(model, lambda m: prune(m, inputs, 0.5, include=include, method="default"))
     assert len(report.groups) == 2 * len(include)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    restore_optimizer_state([optimizer], model, saved, report.removals)
-    for name, p in model.named_parameters():
-        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
 
 
 def _duplicate_odd_heads(model) -> None:
@@ -125,14 +116,6 @@ def test_square_conv1d_pruned_on_both_sides_keeps_matching_optimizer_state():
     torch.manual_seed(0)
     model = torch.nn.Sequential(Conv1D(16, 8), torch.nn.ReLU(), Conv1D(16, 16), torch.nn.ReLU(), Conv1D(4, 16))
     x = torch.randn(5, 8)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for p in model.parameters():
-        optimizer.state[p]["momentum_buffer"] = p.detach().clone()
-    saved = snapshot_optimizer_state([optimizer], model)
-    report = prune(model, x, 0.5, method="default")
+    report = prune_with_mirrored_momentum(model, lambda m: prune(m, x, 0.5, method="default"))
     assert model[2].weight.shape == (8, 8)
     assert (report.macs_before, report.macs_after) == (8 * 16 + 16 * 16 + 16 * 4, 8 * 8 + 8 * 8 + 8 * 4)  # per sample
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    restore_optimizer_state([optimizer], model, saved, report.removals)
-    for name, p in model.named_parameters():
-        assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
