@@ -47,6 +47,7 @@ class PrunableGroup:
     members: List[str]
     blocks: int = 1
     unit: int = 1  # channels that are only kept or removed together (the head size of attention heads)
+    head_size: int = 0  # one head's channels where a unit holds several heads (grouped key/value heads)
     hidden_heads: bool = False  # channels meet in a batched matmul of activations: heads of unseen size
     # channels are reshaped and their dims transposed outside attention: the graph may not follow a
     # channel permutation (a ShuffleNet channel shuffle), so the mapping is checked by a probe
@@ -300,7 +301,9 @@ def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     out_name = grouped_attention.output_projection(module)
     parts = [("q_proj", "query", "producer"), ("k_proj", "key_value", "producer"),
              ("v_proj", "key_value", "producer"), (out_name, "query", "consumer")]
-    return _linear_layers_group(name, module, parts, grouped_attention.positions(module), grouped_attention.unit(module))
+    group = _linear_layers_group(name, module, parts, grouped_attention.positions(module), grouped_attention.unit(module))
+    group.head_size = module.head_dim
+    return group
 
 
 def _interleaved_attention_heads(name: str, module: nn.Module) -> PrunableGroup:

@@ -13,14 +13,14 @@ from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
 from lightning_intrafusion.attention import surviving_indices
 from lightning_intrafusion.execution import eager
-from lightning_intrafusion.surgery import complement, is_grouped_conv, output_dim, select_grouped_inputs
+from lightning_intrafusion.surgery import COUNT, complement, is_grouped_conv, output_dim, select_grouped_inputs
 
 
 def kept_indices(old_shape: Sequence[int], new_shape: Sequence[int], removals: Sequence[Tuple[str, str, List[int]]],
                  module_name: str, out_dim: int = 0) -> Dict[int, Tensor]:
     """For each dim that shrank, the indices (in the old tensor) that survive; ``out_dim`` is the
     dimension of the tensor that indexes the layer's output channels."""
-    mine = [(side, idxs) for name, side, idxs in removals if name == module_name]
+    mine = [(side, idxs) for name, side, idxs in removals if name == module_name and not side.startswith(COUNT)]
     out: Dict[int, Tensor] = {}
     for dim, (a, b) in enumerate(zip(old_shape, new_shape)):
         if a == b:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm
@@ -40,7 +42,7 @@ from lightning_intrafusion.importance import ImportanceLike, needs_gradients, re
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport
 from lightning_intrafusion.snapshot import ModelSnapshot
-from lightning_intrafusion.surgery import Removal, apply_removals, complement, merge_removals
+from lightning_intrafusion.surgery import Removal, apply_removals, complement, head_count_removals, merge_removals
 from lightning_intrafusion.synthetic import synthesize_inputs
 
 METHODS = ("intrafusion", "default")
@@ -111,7 +113,7 @@ def prune(
     # layers and the recorded names are those of the uncompiled model (what replay_history rebuilds)
     with eager(model) as model:
         start = time.perf_counter()
-        output_before = _output_shapes(model, example_inputs)
+        output_before = _forward_signature(model, example_inputs)
         macs_before, params_before = count_macs_and_params(model, example_inputs)
         log = _progress if verbose else _silent
         step = _Step(example_inputs, output_before, sparsity, method, scorer, ot_config, include, exclude,
@@ -179,7 +181,7 @@ class _Step:
     caller holds the snapshot)."""
 
     example_inputs: Any
-    output_before: List[Tuple[int, ...]]
+    output_before: "_Signature"
     sparsity: float
     method: str
     scorer: Any
@@ -243,26 +245,64 @@ def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, i
             raise TypeError(f"{label} must be a list of module-name globs, got {globs!r}")
 
 
-def _output_shapes(model: nn.Module, example_inputs: Any) -> List[Tuple[int, ...]]:
+class _Signature(NamedTuple):
+    """What pruning must not change about a forward pass: the output shapes, and every attention call's
+    shape but its head count (batch dims, query tokens, key tokens, head size)."""
+
+    outputs: List[Tuple[int, ...]]
+    attention: List[Tuple[Tuple[int, ...], int, int, int]]
+
+
+class _AttentionCalls(TorchFunctionMode):
+    """Records the shape of every ``scaled_dot_product_attention`` call but its head count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: List[Tuple[Tuple[int, ...], int, int, int]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            query, key = (list(args) + [kwargs.get("query"), kwargs.get("key")][len(args):])[:2]
+            if isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() >= 3:
+                self.shapes.append((tuple(query.shape[:-3]), int(query.shape[-2]), int(key.shape[-2]), int(query.shape[-1])))
+        return func(*args, **kwargs)
+
+
+def _forward_signature(model: nn.Module, example_inputs: Any) -> _Signature:
+    calls = _AttentionCalls()
     try:
-        out = eval_forward(model, example_inputs)
+        with calls:
+            out = eval_forward(model, example_inputs)
     except Exception as err:
         raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
-    return [tuple(t.shape) for t in _tensors(out)]
+    return _Signature([tuple(t.shape) for t in _tensors(out)], calls.shapes)
 
 
-def _check_still_runs(model: nn.Module, example_inputs: Any, output_before: List[Tuple[int, ...]]) -> None:
+def _check_still_runs(model: nn.Module, example_inputs: Any, before: _Signature) -> None:
+    advice = ("The step was rolled back; leave those layers out with exclude=[...] or include=[...], or pass "
+              "on_unsupported='skip' to find and leave out the groups concerned")
     try:
-        output_after = _output_shapes(model, example_inputs)
+        after = _forward_signature(model, example_inputs)
     except ValueError as err:
         raise ForwardBrokenError(
             f"the pruned model no longer runs ({err.__cause__}); its forward depends on a layer width that "
-            "the dependency graph does not show (e.g. a reshape to a fixed number of heads). The step was "
-            "rolled back; leave those layers out with exclude=[...] or include=[...], or pass "
-            "on_unsupported='skip' to find and leave out the groups concerned",
+            f"the dependency graph does not show (e.g. a reshape to a fixed number of heads). {advice}",
             reason=f"{type(err.__cause__).__name__}: {err.__cause__}",
         ) from err
-    if output_after != output_before:
+    # pruning never changes how many calls there are, except where a layer is swapped for one that calls
+    # the function itself (nn.MultiheadAttention's fused path -> PrunableMultiheadAttention): compare call by call
+    same_calls = len(after.attention) == len(before.attention)
+    changed = next(((b, a) for b, a in zip(before.attention, after.attention) if a != b), None) if same_calls else None
+    if changed is not None:
+        detail = f"an attention call saw (batch, query tokens, key tokens, head size) {changed[0]} before and {changed[1]} after"
+        raise ForwardBrokenError(
+            f"the pruned model still runs but attends differently ({detail}): its forward reshapes the "
+            f"projections with a head count or head size that pruning did not update (an attribute of the "
+            f"layer the dependency graph does not show), which would regroup tokens silently. {advice}",
+            reason=f"attention regrouped: {detail}",
+        )
+    if after.outputs != before.outputs:
         raise RuntimeError("pruning changed the model's output shape; the step was rolled back")
 
 
@@ -378,6 +418,9 @@ def _prune_groups(
             report.merged = _fuse(graph, group, scores, kept, unit, group_config)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         entries.extend(group.removals(removed))
+        if unit > 1 and all(side in ("out", "in") for _, side, _ in group.layers):  # heads removed as plain layer rows
+            entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
+                                               removed.tolist()))
         merged = f", {report.merged} merged" if method == "intrafusion" else ""
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")

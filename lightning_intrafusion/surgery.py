@@ -22,9 +22,13 @@ from lightning_intrafusion.attention import SIDES as ATTENTION_SIDES
 from lightning_intrafusion.attention import PrunableMultiheadAttention, parameter_slot, surviving_indices
 from lightning_intrafusion.execution import eager
 
-# (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), or (attention layer name,
-# "heads" | "embed", projection or embedding channels)
+# (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), (attention layer name,
+# "heads" | "embed", projection or embedding channels), or (module name, "count:<attribute>", removed
+# heads or channels): an int attribute of the module that counts them shrinks by their number
 Removal = Tuple[str, str, List[int]]
+COUNT = "count:"
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # attributes that count heads
+HEAD_WIDTHS = ("all_head_size",)  # attributes that count projection channels (heads x head size)
 
 
 class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
@@ -114,9 +118,38 @@ def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
                 p.requires_grad_(trainable[name])
 
 
+def head_count_removals(model: nn.Module, projections: Sequence[str], width: int, head_size: int, unit: int,
+                        removed: Sequence[int]) -> List[Removal]:
+    """Records that keep an attention layer's own head counts (and projection width) in step when the
+    projection channels ``removed`` go, in whole units of ``unit`` channels (one key/value head's query
+    heads, with grouped key/value heads; else one head of ``head_size``). The layer is the common parent of
+    the ``projections`` (query/key/value layers); only int attributes named like a head count that hold the
+    current count are concerned: :data:`HEAD_COUNTS` (query heads), ``num_key_value_heads`` (units) and
+    :data:`HEAD_WIDTHS` (channels). A forward that reshapes with such an attribute
+    (``view(batch, -1, self.num_heads, head_size)``) would otherwise regroup tokens silently."""
+    parents = {name.rpartition(".")[0] for name in projections}
+    if len(parents) != 1:
+        return []
+    parent = parents.pop()
+    module = model.get_submodule(parent) if parent else model
+    sizes = {**{attr: head_size for attr in HEAD_COUNTS}, "num_key_value_heads": unit, **{attr: 1 for attr in HEAD_WIDTHS}}
+    out: List[Removal] = []
+    for attr, size in sizes.items():
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value == width // size:
+            out.append((parent, COUNT + attr, sorted({int(c) // size for c in removed})))
+    return out
+
+
 def _apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
     modules = dict(model.named_modules())
     for name, side, idxs in removals:
+        if side.startswith(COUNT):
+            if name not in modules:
+                raise ValueError(f"pruning history names a module {name!r} that the model does not have")
+            attr = side[len(COUNT):]
+            setattr(modules[name], attr, getattr(modules[name], attr) - len(idxs))
+            continue
         if side.startswith("dim"):
             _prune_parameter(model, name, int(side[3:]), idxs)
             continue

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,27 @@ def duplicate_odd_units(model: nn.Module, example_inputs, include: Optional[Sequ
                 if (ch // unit) % 2 == 1:
                     src = ch - unit
                     tensor.index_copy_(s.dim, s.positions[ch], tensor.index_select(s.dim, s.positions[src]))
+
+
+@torch.no_grad()
+def silence_odd_units(model: nn.Module, example_inputs) -> List[str]:
+    """In every prunable group without a norm layer, zero every entry of unit 2m+1 (channel, or head of the
+    group's unit): producer rows, biases and consumer columns, so those units compute nothing and
+    removing exactly them leaves the outputs unchanged. Returns one producer name per silenced group."""
+    graph = build_graph(model, example_inputs)
+    modules = dict(model.named_modules())
+    silenced = []
+    for group in iter_groups(graph):
+        norms = [m for m in group.members if "norm" in type(modules.get(m, nn.Identity())).__name__.lower()]
+        norms += [s.key for s in group.slices if "norm" in s.key.lower()]
+        if group.protected or group.unsupported or norms or group.width < 2 * group.unit:
+            continue
+        odd = torch.tensor([ch for ch in range(group.width) if (ch // group.unit) % 2 == 1])
+        for s in group.slices:
+            module, attr = group.targets[s.key]
+            getattr(module, attr).index_fill_(s.dim, s.positions[odd].reshape(-1).unique(), 0.0)
+        silenced.append(group.producers[0])
+    return silenced
 
 
 def prune_with_mirrored_momentum(model: nn.Module, prune_step: Callable[[nn.Module], Any]) -> Any:

@@ -1,0 +1,59 @@
+"""Hugging Face model families built from small configs (nothing downloaded), checked for *what* a pruned
+model computes, not only that it runs: every unit (MLP neuron, attention head, key/value head group) that
+can be pruned, except widths under a norm layer, is first silenced on alternate units, so plain pruning
+must remove exactly the silent ones and leave the outputs unchanged. A removal at the wrong positions, or
+a forward that reshapes with a stale head count (Hugging Face OPT and StableLM keep theirs as attributes:
+``view(batch, -1, self.num_heads, head_dim)`` would regroup tokens without an error), fails it."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from helpers import silence_odd_units
+
+transformers = pytest.importorskip("transformers")
+
+from lightning_intrafusion import prune  # noqa: E402
+
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=50)
+
+
+
+FAMILIES = {
+    "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64, vocab_size=50, word_embed_proj_dim=32)),
+    "stablelm": lambda: transformers.StableLmForCausalLM(transformers.StableLmConfig(**SMALL, num_key_value_heads=2)),
+    "starcoder2": lambda: transformers.Starcoder2ForCausalLM(transformers.Starcoder2Config(**SMALL, num_key_value_heads=2)),
+    "mixtral": lambda: transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **SMALL, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
+    "gptj": lambda: transformers.GPTJForCausalLM(transformers.GPTJConfig(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=50, rotary_dim=4, n_positions=16)),
+    "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=50)),
+    "distilbert": lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
+        dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=50)),
+}
+CAUSAL = {"opt", "stablelm", "starcoder2", "mixtral", "gptj", "bloom"}
+HEADS = {"opt": 2, "stablelm": 2, "starcoder2": 2, "mixtral": 2, "distilbert": 2}  # attention groups expected
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_removing_silenced_units_leaves_the_outputs_unchanged(family):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # configs' notes on token ids
+        model = FAMILIES[family]().eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 8))}
+    if family in CAUSAL:
+        inputs["use_cache"] = False
+    silenced = silence_odd_units(model, inputs)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    pruned = copy.deepcopy(model)
+    report = prune(pruned, inputs, 0.5, method="default", importance="l2", include=silenced)
+    assert len(report.groups) == len(silenced) >= 2 and report.params_after < report.params_before
+    heads = [g for g in report.groups if "attn" in g.name or "attention" in g.name]
+    assert len(heads) == HEADS.get(family, 0)
+    with torch.no_grad():
+        assert torch.allclose(pruned(**inputs).logits, expected, atol=1e-5)
