@@ -246,26 +246,33 @@ def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, i
 
 
 class _Signature(NamedTuple):
-    """What pruning must not change about a forward pass: the output shapes, and every attention call's
-    shape but its head count (batch dims, query tokens, key tokens, head size)."""
+    """What pruning must not change about a forward pass: the output shapes, and the shape of every
+    attention computation but its head count (see :class:`_AttentionCalls`)."""
 
     outputs: List[Tuple[int, ...]]
-    attention: List[Tuple[Tuple[int, ...], int, int, int]]
+    attention: List[Tuple[Any, ...]]
 
 
 class _AttentionCalls(TorchFunctionMode):
-    """Records the shape of every ``scaled_dot_product_attention`` call but its head count."""
+    """Records every ``scaled_dot_product_attention`` call as (batch dims, query tokens, key tokens, head
+    size), and every matrix product of two activations of 4 or more dims (attention written out:
+    ``q @ k.transpose(-2, -1)``, ``weights @ v``) as both operands' shapes without the head dim (-3)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.shapes: List[Tuple[Tuple[int, ...], int, int, int]] = []
+        self.shapes: List[Tuple[Any, ...]] = []
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             query, key = (list(args) + [kwargs.get("query"), kwargs.get("key")][len(args):])[:2]
             if isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() >= 3:
-                self.shapes.append((tuple(query.shape[:-3]), int(query.shape[-2]), int(key.shape[-2]), int(query.shape[-1])))
+                self.shapes.append(("attention", tuple(query.shape[:-3]), int(query.shape[-2]), int(key.shape[-2]),
+                                    int(query.shape[-1])))
+        elif getattr(func, "__name__", "") in ("matmul", "__matmul__") and len(args) == 2 and all(
+                isinstance(a, Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 4 for a in args):
+            a, b = args
+            self.shapes.append(("product", tuple(a.shape[:-3]) + tuple(a.shape[-2:]), tuple(b.shape[-2:])))
         return func(*args, **kwargs)
 
 
@@ -295,7 +302,7 @@ def _check_still_runs(model: nn.Module, example_inputs: Any, before: _Signature)
     same_calls = len(after.attention) == len(before.attention)
     changed = next(((b, a) for b, a in zip(before.attention, after.attention) if a != b), None) if same_calls else None
     if changed is not None:
-        detail = f"an attention call saw (batch, query tokens, key tokens, head size) {changed[0]} before and {changed[1]} after"
+        detail = f"an attention computation had the shape (all but the head count) {changed[0]} before and {changed[1]} after"
         raise ForwardBrokenError(
             f"the pruned model still runs but attends differently ({detail}): its forward reshapes the "
             f"projections with a head count or head size that pruning did not update (an attribute of the "

@@ -27,7 +27,7 @@ from lightning_intrafusion.execution import eager
 # heads or channels): an int attribute of the module that counts them shrinks by their number
 Removal = Tuple[str, str, List[int]]
 COUNT = "count:"
-HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")  # attributes that count heads
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")  # attributes that count heads
 HEAD_WIDTHS = ("all_head_size",)  # attributes that count projection channels (heads x head size)
 
 

@@ -1,8 +1,10 @@
-"""Attention written by hand with ``scaled_dot_product_attention`` whose forward reshapes the projections
-with a head count held in an attribute (``view(batch, -1, self.num_heads, head_size)``, as Hugging Face
-OPT does). After heads are removed, a stale count would not fail: the ``-1`` would absorb the difference
-and regroup tokens silently. The count is kept in step (and replayed); a count the library does not know
-by name is caught by comparing every attention call's shape before and after, and the step is refused."""
+"""Attention written by hand whose forward reshapes the projections with a head count held in an
+attribute: ``view(batch, -1, self.num_heads, head_size)`` before ``scaled_dot_product_attention`` (as
+Hugging Face OPT does), or ``view(batch, tokens, self.heads, -1)`` before explicit matrix products. After
+heads are removed, a stale count would not fail: the ``-1`` would absorb the difference and regroup
+tokens (or head dimensions) silently. The count is kept in step (and replayed); a count the library does
+not know by name is caught by comparing every attention computation's shape before and after, and the
+step is refused."""
 
 import pytest
 import torch
@@ -16,27 +18,28 @@ from lightning_intrafusion.surgery import replay_history
 
 
 class HeadCountAttention(nn.Module):
-    def __init__(self, dim: int = 16, heads: int = 4, count_attribute: str = "num_heads") -> None:
+    def __init__(self, dim: int = 16, heads: int = 4, count_attribute: str = "num_heads", explicit: bool = False) -> None:
         super().__init__()
-        self.count_attribute, self.head_size = count_attribute, dim // heads
+        self.count_attribute, self.head_size, self.explicit = count_attribute, dim // heads, explicit
         setattr(self, count_attribute, heads)
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
         batch, tokens, _ = x.shape
         heads = getattr(self, self.count_attribute)
-
-        def split(t):
-            return t.view(batch, -1, heads, self.head_size).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        if self.explicit:
+            q, k, v = (p(x).view(batch, tokens, heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = ((q @ k.transpose(-2, -1)) * self.head_size ** -0.5).softmax(-1) @ v
+        else:
+            q, k, v = (p(x).view(batch, -1, heads, self.head_size).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class Net(nn.Module):
-    def __init__(self, count_attribute: str = "num_heads") -> None:
+    def __init__(self, count_attribute: str = "num_heads", explicit: bool = False) -> None:
         super().__init__()
-        self.attn = HeadCountAttention(count_attribute=count_attribute)
+        self.attn = HeadCountAttention(count_attribute=count_attribute, explicit=explicit)
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
@@ -54,30 +57,38 @@ def _silence_odd_heads(model: Net) -> None:
             model.attn.out_proj.weight[:, start:start + 4] = 0
 
 
-def test_head_count_attribute_follows_the_removed_heads_and_replays():
+# explicit matrix products hide the head size from the graph: it is given by channel_blocks
+STYLES = {"sdpa": ("num_heads", False, {}), "explicit": ("heads", True, {"attn.*_proj": 4})}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_head_count_attribute_follows_the_removed_heads_and_replays(style):
+    attribute, explicit, blocks = STYLES[style]
     torch.manual_seed(0)
-    model, x = Net(), torch.randn(2, 6, 16)
+    model, x = Net(attribute, explicit), torch.randn(2, 6, 16)
     _silence_odd_heads(model)
     expected = model(x)
-    report = prune(model, x, 0.5, method="default", importance="l2", include=["attn.q_proj"])
+    report = prune(model, x, 0.5, method="default", importance="l2", include=["attn.q_proj"], channel_blocks=blocks)
     assert [(g.width_before, g.width_after) for g in report.groups] == [(16, 8)]
-    assert model.attn.num_heads == 2 and model.attn.q_proj.out_features == 8
-    assert ["attn", "count:num_heads", [1, 3]] in report.removals
-    assert torch.allclose(model(x), expected, atol=1e-6)  # tokens not regrouped: the silent heads went, nothing else
-    fresh = Net()
+    assert getattr(model.attn, attribute) == 2 and model.attn.q_proj.out_features == 8
+    assert ["attn", f"count:{attribute}", [1, 3]] in report.removals
+    assert torch.allclose(model(x), expected, atol=1e-6)  # nothing regrouped: the silent heads went, nothing else
+    fresh = Net(attribute, explicit)
     replay_history(fresh, [report.removals])
     fresh.load_state_dict(model.state_dict())
-    assert fresh.attn.num_heads == 2 and torch.equal(fresh(x), model(x))
+    assert getattr(fresh.attn, attribute) == 2 and torch.equal(fresh(x), model(x))
 
 
-def test_a_head_count_under_an_unknown_name_is_caught_and_the_step_refused():
+@pytest.mark.parametrize("style", list(STYLES))
+def test_a_head_count_under_an_unknown_name_is_caught_and_the_step_refused(style):
+    _, explicit, blocks = STYLES[style]
     torch.manual_seed(0)
-    model, x = Net(count_attribute="h"), torch.randn(2, 6, 16)
+    model, x = Net("h", explicit), torch.randn(2, 6, 16)
     before = state(model)
     with pytest.raises(ForwardBrokenError, match="attends differently"):
-        prune(model, x, 0.5, include=["attn.q_proj"])
+        prune(model, x, 0.5, include=["attn.q_proj"], channel_blocks=blocks)
     assert_same_state(before, state(model))
     with pytest.warns(UserWarning, match="attention regrouped"):
-        report = prune(model, x, 0.5, include=["attn.q_proj"], on_unsupported="skip")
-    assert list(report.unsupported) == ["attn.v_proj"]  # the heads' group, rooted at one of its projections
+        report = prune(model, x, 0.5, include=["attn.q_proj"], channel_blocks=blocks, on_unsupported="skip")
+    assert len(report.unsupported) == 1 and not report.groups  # the heads' group, left whole
     assert model.attn.q_proj.out_features == 16 and model(x).shape == (2, 6, 3)
