@@ -33,9 +33,15 @@ FAMILIES = {
     "bloom": lambda: transformers.BloomForCausalLM(transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=50)),
     "distilbert": lambda: transformers.DistilBertForSequenceClassification(transformers.DistilBertConfig(
         dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=50)),
+    "bart": lambda: transformers.BartForSequenceClassification(transformers.BartConfig(  # with cross-attention
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=50, num_labels=3)),
+    "wav2vec2": lambda: transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(  # conv + transformer
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=3)),
 }
-CAUSAL = {"opt", "stablelm", "starcoder2", "mixtral", "gptj", "bloom"}
-HEADS = {"opt": 2, "stablelm": 2, "starcoder2": 2, "mixtral": 2, "distilbert": 2}  # attention groups expected
+CACHED = {"opt", "stablelm", "starcoder2", "mixtral", "gptj", "bloom", "bart"}  # outputs a cache unless told not to
+HEADS = {"opt": 2, "stablelm": 2, "starcoder2": 2, "mixtral": 2, "distilbert": 2, "wav2vec2": 2, "bart": 3}  # attention groups expected
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -44,8 +50,12 @@ def test_removing_silenced_units_leaves_the_outputs_unchanged(family):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # configs' notes on token ids
         model = FAMILIES[family]().eval()
-    inputs = {"input_ids": torch.randint(0, 50, (2, 8))}
-    if family in CAUSAL:
+    inputs = {"input_ids": torch.randint(3, 50, (2, 8))}
+    if family == "bart":  # classified at the end-of-sequence token
+        inputs["input_ids"][:, -1] = 2
+    if family == "wav2vec2":
+        inputs = {"input_values": torch.randn(2, 400)}
+    if family in CACHED:
         inputs["use_cache"] = False
     silenced = silence_odd_units(model, inputs)
     with torch.no_grad():
@@ -54,6 +64,6 @@ def test_removing_silenced_units_leaves_the_outputs_unchanged(family):
     report = prune(pruned, inputs, 0.5, method="default", importance="l2", include=silenced)
     assert len(report.groups) == len(silenced) >= 2 and report.params_after < report.params_before
     heads = [g for g in report.groups if "attn" in g.name or "attention" in g.name]
-    assert len(heads) == HEADS.get(family, 0)
+    assert len(heads) == HEADS.get(family, 0), sorted(g.name for g in report.groups)
     with torch.no_grad():
         assert torch.allclose(pruned(**inputs).logits, expected, atol=1e-5)
