@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lightning_intrafusion.ot import OTConfig, TransportError, feature_cost, marginal, transport_map, transport_plan
+from lightning_intrafusion.ot import (OTConfig, TransportError, feature_cost, gram_cost, marginal, transport_map,
+                                     transport_plan, unit_gram)
 
 
 def _points():
@@ -95,3 +96,19 @@ def test_importance_marginals_are_proportional_and_never_zero():
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         OTConfig(**{field: value})
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_costs_from_the_gram_matrix_equal_the_distances_of_the_features(normalize):
+    """The p=2 ground cost needs only F F^T: equal to the features' own distances (zero rows included),
+    also for units of several channels whose features are concatenated."""
+    g = torch.Generator().manual_seed(0)
+    features = torch.randn(12, 7, generator=g, dtype=torch.float64)
+    features[5] = 0.0
+    sources, targets = torch.arange(12), torch.tensor([0, 3, 5, 8])
+    expected = feature_cost(features, features[targets], p=2, normalize=normalize)
+    assert torch.allclose(gram_cost(features @ features.T, sources, targets, normalize=normalize), expected, atol=1e-6)
+    units = features.reshape(4, 21)  # units of 3 consecutive channels
+    expected = feature_cost(units, units[[1, 2]], p=2, normalize=normalize)
+    got = gram_cost(unit_gram(features @ features.T, 3), torch.arange(4), torch.tensor([1, 2]), normalize=normalize)
+    assert torch.allclose(got, expected, atol=1e-6)

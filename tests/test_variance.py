@@ -5,10 +5,12 @@ import copy
 import torch
 from torch import nn
 
+from helpers import randomize_batchnorm
 from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion.datasets import digits_tensors
-from lightning_intrafusion.fusion import ChannelSlice, gram, output_variance_ratios
-from lightning_intrafusion.models import SmallVGG
+from lightning_intrafusion.fusion import ChannelSlice, channel_features, channel_grams, gram, output_variance_ratios
+from lightning_intrafusion.graph import build_graph, iter_groups
+from lightning_intrafusion.models import SmallResNet, SmallVGG
 
 
 def test_ratio_is_the_kept_weight_energy_for_uncorrelated_channels():
@@ -64,3 +66,21 @@ def test_corrected_statistics_match_the_data_better():
             logs.append((true_var / norms[name].running_var).log().abs().mean())
         errors[correct] = torch.stack(logs[1:]).mean()  # the first BN's input is never pruned
     assert errors[True] < 0.75 * errors[False]
+
+
+def test_gram_matrices_are_those_of_the_concatenated_features():
+    """channel_grams sums each weight tensor's share instead of concatenating the features: the same
+    matrices, for BN-folded producers, consumers, and a group whose producers have no weights."""
+    torch.manual_seed(0)
+    model = SmallResNet(width=8, blocks=(1, 1))
+    randomize_batchnorm(model)
+    groups = [g for g in iter_groups(build_graph(model, torch.randn(2, 1, 8, 8))) if not g.protected]
+    assert any(g.folds for g in groups)
+    for group in groups:
+        grams = channel_grams(group.slices, group.folds)
+        for name, roles in (("producer", ("producer",)), ("all", ("producer", "consumer"))):
+            f = channel_features(group.slices, group.folds, roles).float()
+            assert torch.allclose(grams[name], f @ f.T, rtol=1e-4, atol=1e-5), (group.root_name, name)
+    only_consumers = [ChannelSlice("next.weight", torch.randn(3, 4), 1, torch.arange(4)[:, None], "consumer")]
+    f = channel_features(only_consumers, (), ("producer",))
+    assert torch.equal(channel_grams(only_consumers)["producer"], f @ f.T)
