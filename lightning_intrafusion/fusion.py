@@ -15,7 +15,7 @@ running statistics that describe its (new) input, so train mode stays meaningful
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -181,52 +181,46 @@ def merge_matrices(transport: Tensor, kept: Tensor, producer_merge: str, consume
     return {"producer": producer, "consumer": _as(consumer_merge)}
 
 
-def _feature_parts(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold], roles: Sequence[Role]) -> List[Tensor]:
-    """The ``(n, d_s)`` blocks of the channels' feature vectors, one per weight tensor: producer output rows
-    (BN-folded where a BatchNorm follows) and/or consumer input columns, as ``roles`` asks (producer-only
-    falls back to both when no producer has weights)."""
+def _feature_parts(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold], roles: Sequence[Role]) -> Iterator[Tensor]:
+    """The ``(n, d_s)`` blocks of the channels' feature vectors, one weight tensor at a time: producer output
+    rows (BN-folded where a BatchNorm follows) and/or consumer input columns, as ``roles`` asks
+    (producer-only falls back to both when no producer has weights)."""
     if not any(s.is_feature and s.role in roles for s in slices):
         roles = ("producer", "consumer")
-    folded = {id(f.weight): f for f in folds}
-    parts = []
-    for s in slices:
-        if not s.is_feature or s.role not in roles:
-            continue
-        fold = folded.get(id(s))
-        parts.append(fold.folded_weight() if fold is not None else s.rows())
-    if not parts:
+    if not any(s.is_feature and s.role in roles for s in slices):
         raise ValueError("dependency group has no weight tensor to describe its channels")
-    return parts
+    folded = {id(f.weight): f for f in folds}
+    for s in slices:
+        if s.is_feature and s.role in roles:
+            fold = folded.get(id(s))
+            yield fold.folded_weight() if fold is not None else s.rows()
 
 
 def channel_features(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = (),
                      roles: Sequence[Role] = ("producer", "consumer")) -> Tensor:
     """Concatenated feature vector of every group channel (see :func:`_feature_parts`). Returns ``(n, d)``,
-    at least single precision. As wide as all the group's weights together: where only distances are
-    needed, :func:`channel_grams` gets them without building it."""
-    return torch.cat(_feature_parts(slices, folds, roles), dim=1)
+    at least single precision. As wide as all the group's weights together: where only similarities
+    are needed, :func:`channel_gram` gets them without building it."""
+    return torch.cat(list(_feature_parts(slices, folds, roles)), dim=1)
 
 
-def channel_grams(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = ()) -> Dict[str, Tensor]:
-    """``F F^T`` (n x n, single precision) of :func:`channel_features` for the producer features
-    (``"producer"``) and for all of them (``"all"``), each weight tensor's share computed once and summed,
-    so that the features of a wide group (a language model's hidden width: nearly all of its weights) are
-    never concatenated."""
-    shares: Dict[str, Optional[Tensor]] = {"producer": None, "consumer": None}
-    folded = {id(f.weight): f for f in folds}
-    for s in slices:
-        if not s.is_feature:
-            continue
-        fold = folded.get(id(s))
-        f = (fold.folded_weight() if fold is not None else s.rows()).float()
-        share = shares[s.role]
-        shares[s.role] = f @ f.T if share is None else share + f @ f.T
-    producer, consumer = shares["producer"], shares["consumer"]
-    if producer is None and consumer is None:
-        raise ValueError("dependency group has no weight tensor to describe its channels")
-    if producer is None:  # as channel_features: producer-only falls back to both
-        return {"producer": consumer, "all": consumer}
-    return {"producer": producer, "all": producer if consumer is None else producer + consumer}
+def channel_gram(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = (),
+                 roles: Sequence[Role] = ("producer", "consumer"), columns: Optional[Tensor] = None) -> Tensor:
+    """``F F^T`` of :func:`channel_features` (single precision), or only its ``columns`` (``F F[columns]^T``,
+    ``n x len(columns)``), summed one weight tensor at a time, so that the features of a wide group (a
+    language model's hidden width: nearly all of its weights) are never concatenated."""
+    total: Optional[Tensor] = None
+    for part in _feature_parts(slices, folds, roles):
+        f = part.float()
+        share = f @ (f if columns is None else f.index_select(0, columns.to(f.device))).T
+        total = share if total is None else total + share
+    return total
+
+
+def channel_square_norms(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold] = (),
+                         roles: Sequence[Role] = ("producer", "consumer")) -> Tensor:
+    """The diagonal of :func:`channel_gram`: every channel's squared feature norm, ``(n,)``."""
+    return sum(part.float().pow(2).sum(1) for part in _feature_parts(slices, folds, roles))
 
 
 def fuse_group(slices: Sequence[ChannelSlice], folds: Sequence[BatchNormFold], mats: Dict[Role, Tensor],

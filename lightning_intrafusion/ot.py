@@ -180,29 +180,30 @@ def feature_cost(sources: Tensor, targets: Tensor, p: float = 2.0, normalize: bo
     return torch.cdist(sources.unsqueeze(0), targets.unsqueeze(0), p=p).squeeze(0).double()
 
 
-def gram_cost(gram: Tensor, sources: Tensor, targets: Tensor, normalize: bool = True) -> Tensor:
-    """The ``p=2`` ground cost of :func:`feature_cost` from the Gram matrix of the features (``G = F F^T``,
-    ``n x n``) instead of the features: ``C[i, j] = ||u_i - u_j||_2`` between channels ``sources`` and
-    ``targets`` (index tensors), ``sqrt(G_ii + G_jj - 2 G_ij)`` (after L2 normalisation when ``normalize``:
-    ``sqrt(2 - 2 cos)``). Returns float64."""
-    g = gram.double()
-    norms = g.diagonal().clamp_min(0)
-    cross = g[sources][:, targets]
+def gram_cost(cross: Tensor, source_norms: Tensor, target_norms: Tensor, normalize: bool = True) -> Tensor:
+    """The ``p=2`` ground cost of :func:`feature_cost` from inner products instead of the features:
+    ``cross[i, j] = <u_i, v_j>`` and the squared norms of the sources and targets give
+    ``C[i, j] = ||u_i - v_j||_2 = sqrt(|u_i|^2 + |v_j|^2 - 2 <u_i, v_j>)`` (after L2 normalisation when
+    ``normalize``: ``sqrt(2 - 2 cos)``; zero rows stay zero). Returns float64."""
+    cross, a, b = cross.double(), source_norms.double().clamp_min(0), target_norms.double().clamp_min(0)
     if normalize:
-        lengths = norms.sqrt()
-        scale = torch.where(lengths > 0, 1.0 / lengths.clamp_min(1e-300), torch.zeros_like(lengths))
-        cross = cross * scale[sources][:, None] * scale[targets][None, :]
-        norms = (norms > 0).to(g.dtype)  # normalised rows have unit length (zero rows stay zero)
-    return (norms[sources][:, None] + norms[targets][None, :] - 2 * cross).clamp_min(0).sqrt()
+        def inverse(norms: Tensor) -> Tensor:
+            lengths = norms.sqrt()
+            return torch.where(lengths > 0, 1.0 / lengths.clamp_min(1e-300), torch.zeros_like(lengths))
+
+        cross = cross * inverse(a)[:, None] * inverse(b)[None, :]
+        a, b = (a > 0).to(a.dtype), (b > 0).to(b.dtype)  # normalised rows have unit length
+    return (a[:, None] + b[None, :] - 2 * cross).clamp_min(0).sqrt()
 
 
-def unit_gram(gram: Tensor, unit: int) -> Tensor:
-    """Gram matrix of units of ``unit`` consecutive channels whose features are concatenated (the rows of
-    ``F.reshape(-1, unit * d)``): the sum of the channel Gram's diagonal entries of each block pair."""
+def unit_inner_products(cross: Tensor, unit: int) -> Tensor:
+    """Inner products of units of ``unit`` consecutive channels whose features are concatenated (the rows of
+    ``F.reshape(-1, unit * d)``), from those of the channels (``n x m``, both sides in whole units): the sum
+    of the diagonal entries of each block pair."""
     if unit == 1:
-        return gram
-    n = gram.shape[0] // unit
-    return gram.reshape(n, unit, n, unit).diagonal(dim1=1, dim2=3).sum(-1)
+        return cross
+    n, m = cross.shape[0] // unit, cross.shape[1] // unit
+    return cross.reshape(n, unit, m, unit).diagonal(dim1=1, dim2=3).sum(-1)
 
 
 def marginal(n: int, weights: Optional[Tensor] = None, like: Optional[Tensor] = None) -> Tensor:

@@ -24,7 +24,8 @@ from lightning_intrafusion.execution import eager, eval_forward
 from lightning_intrafusion.fusion import (
     channel_correlation,
     channel_features,
-    channel_grams,
+    channel_gram,
+    channel_square_norms,
     fuse_group,
     merge_matrices,
     output_variance_ratios,
@@ -443,13 +444,13 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
     unchanged until the removal). Returns how many removed channels were merged somewhere."""
     # channel similarities, once per group: the transport costs, norm preservation, BN statistics and the
     # variance estimate share them
-    grams = channel_grams(group.slices, group.folds)
-    similarity = grams["producer"]
-    transport = _expand_units(_transport(group, scores, kept, unit, config, grams), unit)
+    transport = _expand_units(_transport(group, scores, kept, unit, config), unit)
     channels = _expand_index(kept, unit)
     merged = int((transport.sum(0) > 0).sum().item()) - len(channels)
     if merged == 0 and not (config.correct_variance and _batchnorm_after_consumers(graph, group)):
         return 0  # every kept channel keeps only itself: nothing to merge, nothing to correct
+    # channel similarities, once per group: norm preservation, BN statistics and the variance estimate share them
+    similarity = channel_gram(group.slices, group.folds, ("producer",))
     mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
                           similarity if config.preserve_norm else None)
     fused = fuse_group(group.slices, group.folds, mats, channels, channel_correlation(similarity))
@@ -496,25 +497,25 @@ def _choose_kept(scores: Tensor, keep: int, blocks: int, unit: int) -> Tensor:
     return torch.cat(kept)
 
 
-def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig,
-               grams: Dict[str, Tensor]) -> Tensor:
+def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:
     """Block-diagonal transport map (kept units x all units) of the whole group. With the ``p=2`` ground metric
-    the costs come from the Gram matrices of the channel features (``grams``, see
-    :func:`~lightning_intrafusion.fusion.channel_grams`), so the features are never concatenated."""
+    the costs come from inner products of the channel features with the kept ones', summed one weight
+    tensor at a time (:func:`~lightning_intrafusion.fusion.channel_gram`): the features are never concatenated."""
     roles = ("producer",) if config.features == "producer" else ("producer", "consumer")
     if config.p == 2:
-        similarity = ot_math.unit_gram(grams["producer" if config.features == "producer" else "all"], unit)
-        if config.solver == "emd":  # network simplex runs on the CPU; Sinkhorn stays on the weights' device
-            similarity = similarity.cpu()
+        cross = ot_math.unit_inner_products(
+            channel_gram(group.slices, group.folds, roles, columns=_expand_index(kept, unit)), unit)
+        norms = channel_square_norms(group.slices, group.folds, roles).reshape(-1, unit).sum(1)
 
-        def cost_between(sources: Tensor, targets: Tensor) -> Tensor:
-            return ot_math.gram_cost(similarity, sources, targets, normalize=config.normalize_features)
+        def cost_between(sources: Tensor, rows: Tensor) -> Tensor:
+            return ot_math.gram_cost(cross[sources][:, rows.to(cross.device)], norms[sources],
+                                     norms[kept[rows].to(norms.device)], normalize=config.normalize_features)
     else:
         features = channel_features(group.slices, group.folds, roles)
-        features = (features.cpu() if config.solver == "emd" else features).reshape(-1, unit * features.shape[1])
+        features = features.reshape(-1, unit * features.shape[1])
 
-        def cost_between(sources: Tensor, targets: Tensor) -> Tensor:
-            return ot_math.feature_cost(features[sources], features[targets], p=config.p,
+        def cost_between(sources: Tensor, rows: Tensor) -> Tensor:
+            return ot_math.feature_cost(features[sources], features[kept[rows]], p=config.p,
                                         normalize=config.normalize_features)
     unit_scores = scores.reshape(-1, unit).sum(1)
     n_units = group.width // unit
@@ -524,7 +525,9 @@ def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, co
         lo, hi = b * per_block, (b + 1) * per_block
         rows = torch.nonzero((kept >= lo) & (kept < hi)).flatten()
         targets = kept[rows]
-        cost = cost_between(torch.arange(lo, hi), targets)
+        cost = cost_between(torch.arange(lo, hi), rows)
+        if config.solver == "emd":  # network simplex runs on the CPU; Sinkhorn stays on the weights' device
+            cost = cost.cpu()
         weights = unit_scores[lo:hi] if config.marginals == "importance" else None
         a = ot_math.marginal(hi - lo, weights, like=cost)
         b_ = ot_math.marginal(len(targets), unit_scores[targets] if weights is not None else None, like=cost)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_intrafusion.ot import (OTConfig, TransportError, feature_cost, gram_cost, marginal, transport_map,
-                                     transport_plan, unit_gram)
+                                     transport_plan, unit_inner_products)
 
 
 def _points():
@@ -99,16 +99,19 @@ def test_config_rejects_bad_values(field, value):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_costs_from_the_gram_matrix_equal_the_distances_of_the_features(normalize):
-    """The p=2 ground cost needs only F F^T: equal to the features' own distances (zero rows included),
-    also for units of several channels whose features are concatenated."""
+def test_costs_from_inner_products_equal_the_distances_of_the_features(normalize):
+    """The p=2 ground cost needs only inner products and norms: equal to the features' own distances (zero
+    rows included), also for units of several channels whose features are concatenated."""
     g = torch.Generator().manual_seed(0)
     features = torch.randn(12, 7, generator=g, dtype=torch.float64)
     features[5] = 0.0
-    sources, targets = torch.arange(12), torch.tensor([0, 3, 5, 8])
+    targets = torch.tensor([0, 3, 5, 8])
+    norms = features.pow(2).sum(1)
     expected = feature_cost(features, features[targets], p=2, normalize=normalize)
-    assert torch.allclose(gram_cost(features @ features.T, sources, targets, normalize=normalize), expected, atol=1e-6)
+    got = gram_cost(features @ features[targets].T, norms, norms[targets], normalize=normalize)
+    assert torch.allclose(got, expected, atol=1e-6)
     units = features.reshape(4, 21)  # units of 3 consecutive channels
     expected = feature_cost(units, units[[1, 2]], p=2, normalize=normalize)
-    got = gram_cost(unit_gram(features @ features.T, 3), torch.arange(4), torch.tensor([1, 2]), normalize=normalize)
+    cross = unit_inner_products(features @ features[3:9].T, 3)  # channels of units 1 and 2
+    got = gram_cost(cross, norms.reshape(4, 3).sum(1), norms[3:9].reshape(2, 3).sum(1), normalize=normalize)
     assert torch.allclose(got, expected, atol=1e-6)

@@ -8,7 +8,8 @@ from torch import nn
 from helpers import randomize_batchnorm
 from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion.datasets import digits_tensors
-from lightning_intrafusion.fusion import ChannelSlice, channel_features, channel_grams, gram, output_variance_ratios
+from lightning_intrafusion.fusion import (ChannelSlice, channel_features, channel_gram, channel_square_norms, gram,
+                                          output_variance_ratios)
 from lightning_intrafusion.graph import build_graph, iter_groups
 from lightning_intrafusion.models import SmallResNet, SmallVGG
 
@@ -69,18 +70,22 @@ def test_corrected_statistics_match_the_data_better():
 
 
 def test_gram_matrices_are_those_of_the_concatenated_features():
-    """channel_grams sums each weight tensor's share instead of concatenating the features: the same
-    matrices, for BN-folded producers, consumers, and a group whose producers have no weights."""
+    """channel_gram sums each weight tensor's share instead of concatenating the features: the same
+    matrix (or columns of it), for BN-folded producers, consumers, and a group whose producers have no
+    weights; channel_square_norms is its diagonal."""
     torch.manual_seed(0)
     model = SmallResNet(width=8, blocks=(1, 1))
     randomize_batchnorm(model)
     groups = [g for g in iter_groups(build_graph(model, torch.randn(2, 1, 8, 8))) if not g.protected]
     assert any(g.folds for g in groups)
     for group in groups:
-        grams = channel_grams(group.slices, group.folds)
-        for name, roles in (("producer", ("producer",)), ("all", ("producer", "consumer"))):
+        for roles in (("producer",), ("producer", "consumer")):
             f = channel_features(group.slices, group.folds, roles).float()
-            assert torch.allclose(grams[name], f @ f.T, rtol=1e-4, atol=1e-5), (group.root_name, name)
+            full = channel_gram(group.slices, group.folds, roles)
+            assert torch.allclose(full, f @ f.T, rtol=1e-4, atol=1e-5), (group.root_name, roles)
+            columns = torch.tensor([0, 2, 3])
+            assert torch.allclose(channel_gram(group.slices, group.folds, roles, columns), full[:, columns], rtol=1e-4, atol=1e-5)
+            assert torch.allclose(channel_square_norms(group.slices, group.folds, roles), full.diagonal(), rtol=1e-4, atol=1e-5)
     only_consumers = [ChannelSlice("next.weight", torch.randn(3, 4), 1, torch.arange(4)[:, None], "consumer")]
     f = channel_features(only_consumers, (), ("producer",))
-    assert torch.equal(channel_grams(only_consumers)["producer"], f @ f.T)
+    assert torch.equal(channel_gram(only_consumers, (), ("producer",)), f @ f.T)
