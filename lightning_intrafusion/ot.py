@@ -238,6 +238,12 @@ def transport_plan(cost: Tensor, source_mass: Tensor, target_mass: Tensor, confi
         raise ValueError(f"marginal shapes {tuple(source_mass.shape)}, {tuple(target_mass.shape)} do not match cost {n}x{k}")
     if not torch.isfinite(cost).all():
         raise TransportError("cost matrix contains NaN or inf (non-finite weights in the group?)")
+    if identity is not None:
+        # a kept channel costs nothing to itself, exactly: costs computed from inner products (or by
+        # matrix products inside cdist) leave rounding residues there, which the median scale below
+        # would otherwise count as costs
+        cost = cost.clone()
+        cost[identity.to(cost.device), torch.arange(k, device=cost.device)] = 0.0
     if config.formulation == "balanced":
         return _solve(cost, source_mass, target_mass, config)
     discard = discard_cost(cost, config)
