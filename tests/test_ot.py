@@ -115,3 +115,15 @@ def test_costs_from_inner_products_equal_the_distances_of_the_features(normalize
     cross = unit_inner_products(features @ features[3:9].T, 3)  # channels of units 1 and 2
     got = gram_cost(cross, norms.reshape(4, 3).sum(1), norms[3:9].reshape(2, 3).sum(1), normalize=normalize)
     assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_kept_channels_cost_nothing_to_themselves_whatever_the_rounding():
+    """Rounding residues on a kept channel's cost to itself (costs from inner products) must not count in
+    the median that scales the discard cost: here they would lower it from 1.0 to 0.95 and the removed
+    channel 3 (nearest kept channel at 0.95) would be discarded instead of merged."""
+    residue = 1e-3
+    cost = torch.tensor([[residue, 1.0], [1.0, residue], [0.9, 1.2], [1.1, 0.95]], dtype=torch.float64)
+    a, b = marginal(4, like=cost), marginal(2, like=cost)
+    plan = transport_plan(cost, a, b, OTConfig(formulation="partial", max_cost=1.0), identity=torch.tensor([0, 1]))
+    assert plan[3].sum() > 0 and plan[2].sum() > 0  # both removed channels merged
+    assert plan[0, 0] > 0 and plan[1, 1] > 0
