@@ -18,6 +18,7 @@ from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Se
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lightning_intrafusion import grouped_attention, interleaved_attention, packed_attention, packed_mlp
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
@@ -157,18 +158,18 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
             yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
                                 root_module=root, unsupported=tp_group)
             continue
-        yield _refuse_tied(_describe(graph, tp_group, names), tied)
+        yield _refuse_unprunable(_describe(graph, tp_group, names), tied)
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-            yield _refuse_tied(_attention_heads(name, module), tied)
+            yield _refuse_unprunable(_attention_heads(name, module), tied)
     for name, module in packed.items():
-        yield _refuse_tied(_packed_attention_heads(name, module), tied)
+        yield _refuse_unprunable(_packed_attention_heads(name, module), tied)
     for name, module in grouped.items():
-        yield _refuse_tied(_grouped_attention_heads(name, module), tied)
+        yield _refuse_unprunable(_grouped_attention_heads(name, module), tied)
     for name, module in interleaved.items():
-        yield _refuse_tied(_interleaved_attention_heads(name, module), tied)
+        yield _refuse_unprunable(_interleaved_attention_heads(name, module), tied)
     for name, module in gated.items():
-        yield _refuse_tied(_packed_mlp_neurons(name, module), tied)
+        yield _refuse_unprunable(_packed_mlp_neurons(name, module), tied)
 
 
 GROUP_SECONDS = 5.0  # longest a single group may take to resolve; real groups take milliseconds
@@ -255,6 +256,29 @@ def _tied_parameters(model: nn.Module) -> Dict[int, List[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     return {key: names for key, names in owners.items() if len(names) > 1}
+
+
+def _refuse_unprunable(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
+    """``group``, marked unsupported if a tensor it would resize is shared or reparameterised."""
+    return _refuse_reparameterised(_refuse_tied(group, tied))
+
+
+def _refuse_reparameterised(group: PrunableGroup) -> PrunableGroup:
+    """A group touching a weight that a parametrization computes (``torch.nn.utils.parametrize``, e.g.
+    ``weight_norm``) or that a forward pre-hook recomputes from ``weight_g``/``weight_v`` (the older
+    ``weight_norm``) cannot be resized: the layer's pruning function cannot assign it, or the hook
+    would overwrite the pruned values."""
+    if group.unsupported is not None:
+        return group
+    for key, (module, attr) in group.targets.items():
+        computed = parametrize.is_parametrized(module, attr) or all(
+            isinstance(getattr(module, f"{attr}_{part}", None), nn.Parameter) for part in ("g", "v"))
+        if computed:
+            group.unsupported = (f"{key} is computed from other parameters (weight_norm or another "
+                                 "parametrization), which pruning cannot resize; remove the parametrization "
+                                 "first (torch.nn.utils.parametrize.remove_parametrizations) to prune it")
+            break
+    return group
 
 
 def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
