@@ -265,17 +265,18 @@ def _refuse_unprunable(group: PrunableGroup, tied: Dict[int, List[str]]) -> Prun
 
 def _refuse_reparameterised(group: PrunableGroup) -> PrunableGroup:
     """A group touching a weight that a parametrization computes (``torch.nn.utils.parametrize``, e.g.
-    ``weight_norm``) or that a forward pre-hook recomputes from ``weight_g``/``weight_v`` (the older
-    ``weight_norm``) cannot be resized: the layer's pruning function cannot assign it, or the hook
+    ``weight_norm``) or that a forward pre-hook recomputes (the older ``weight_norm`` from ``weight_g``/
+    ``weight_v``, ``spectral_norm`` from ``weight_orig``) cannot be resized: the layer's pruning function cannot assign it, or the hook
     would overwrite the pruned values."""
     if group.unsupported is not None:
         return group
     for key, (module, attr) in group.targets.items():
-        computed = parametrize.is_parametrized(module, attr) or all(
-            isinstance(getattr(module, f"{attr}_{part}", None), nn.Parameter) for part in ("g", "v"))
+        hooked = (all(isinstance(getattr(module, f"{attr}_{part}", None), nn.Parameter) for part in ("g", "v"))
+                  or isinstance(getattr(module, f"{attr}_orig", None), nn.Parameter))  # weight_norm, spectral_norm
+        computed = parametrize.is_parametrized(module, attr) or hooked
         if computed:
-            group.unsupported = (f"{key} is computed from other parameters (weight_norm or another "
-                                 "parametrization), which pruning cannot resize; remove the parametrization "
+            group.unsupported = (f"{key} is computed from other parameters (weight_norm, spectral_norm or "
+                                 "another parametrization), which pruning cannot resize; remove the parametrization "
                                  "first (torch.nn.utils.parametrize.remove_parametrizations) to prune it")
             break
     return group
