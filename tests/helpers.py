@@ -6,6 +6,7 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_intrafusion.graph import build_graph, iter_groups, matches
 
@@ -133,3 +134,38 @@ class ChannelShuffleNet(nn.Module):
         b, c, height, width = h.shape
         h = h.view(b, 2, c // 2, height, width).transpose(1, 2).reshape(b, c, height, width)
         return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+class HeadCountAttention(nn.Module):
+    """Hand-written attention that reshapes its projections with a head count kept as an attribute
+    (``count_attribute``): ``view(batch, -1, heads, head_size)`` before ``scaled_dot_product_attention``, or
+    ``view(batch, tokens, heads, -1)`` before explicit matrix products (``explicit``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 4, count_attribute: str = "num_heads", explicit: bool = False) -> None:
+        super().__init__()
+        self.count_attribute, self.head_size, self.explicit = count_attribute, dim // heads, explicit
+        setattr(self, count_attribute, heads)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        batch, tokens, _ = x.shape
+        heads = getattr(self, self.count_attribute)
+        if self.explicit:
+            q, k, v = (p(x).view(batch, tokens, heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = ((q @ k.transpose(-2, -1)) * self.head_size ** -0.5).softmax(-1) @ v
+        else:
+            q, k, v = (p(x).view(batch, -1, heads, self.head_size).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class HeadCountNet(nn.Module):
+    """Digits as 8 tokens of 8 pixels, embedded, one :class:`HeadCountAttention` (4 heads), mean-pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.attn, self.fc = nn.Linear(8, 16), HeadCountAttention(), nn.Linear(16, 10)
+
+    def forward(self, x):
+        tokens = self.embed(x.reshape(x.shape[0], 8, 8))
+        return self.fc((tokens + self.attn(tokens)).mean(1))

@@ -4,7 +4,7 @@ import lightning.pytorch as pl
 import torch
 from torch.nn import functional as F
 
-from helpers import ChannelShuffleNet
+from helpers import ChannelShuffleNet, HeadCountNet
 from lightning_intrafusion.models import SmallTransformer, SmallVGG
 
 
@@ -14,8 +14,9 @@ class LitClassifier(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         # "transformer": nn.MultiheadAttention blocks, whose heads the callback can remove;
-        # "shuffle": a channel shuffle, one of whose groups cannot be pruned exactly
-        nets = {"vgg": lambda: SmallVGG(width=width), "shuffle": ChannelShuffleNet,
+        # "shuffle": a channel shuffle, one of whose groups cannot be pruned exactly;
+        # "head_count": hand-written attention that reshapes with a head-count attribute
+        nets = {"vgg": lambda: SmallVGG(width=width), "shuffle": ChannelShuffleNet, "head_count": HeadCountNet,
                 "transformer": lambda: SmallTransformer(dim=32, heads=4, mlp=64, attention="torch")}
         self.net = nets[arch]()
 

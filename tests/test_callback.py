@@ -119,6 +119,24 @@ def test_attention_heads_pruned_during_fit_and_restored_from_checkpoint(tmp_path
     assert torch.equal(model(x), restored(x))
 
 
+def test_head_count_attribute_follows_heads_pruned_during_fit_and_from_checkpoint(tmp_path):
+    """Attention that reshapes with ``self.num_heads``: the count follows each event's removed heads
+    during the fit, and a fresh module rebuilt from the checkpoint gets it too (same outputs)."""
+    pl.seed_everything(0)
+    model = LitClassifier(arch="head_count", optimizer="adam", lr=3e-3, scheduler=False)
+    cb = IntraFusionCallback(target_sparsity=0.5, epochs=[1, 2], schedule="linear", include=["*.q_proj"])
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb, checkpoint], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    assert cb.fired == 2 and model.net.attn.num_heads == 2 and model.net.attn.q_proj.out_features == 8
+    restored = restore_pruned(LitClassifier(arch="head_count"), str(tmp_path / "ckpt" / "last.ckpt"))
+    assert restored.net.attn.num_heads == 2
+    x = torch.randn(4, 1, 8, 8)
+    model.eval(), restored.eval()
+    assert torch.equal(model(x), restored(x))
+
+
 def test_fit_skips_a_group_that_cannot_be_pruned_exactly(tmp_path):
     """on_unsupported="skip": a channel shuffle's group stays whole, the rest is pruned at every event,
     and the checkpoint replays the pruned architecture."""

@@ -9,31 +9,11 @@ step is refused."""
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from helpers import assert_same_state, state
+from helpers import HeadCountAttention, assert_same_state, state
 from lightning_intrafusion import prune
 from lightning_intrafusion.pruner import ForwardBrokenError
 from lightning_intrafusion.surgery import replay_history
-
-
-class HeadCountAttention(nn.Module):
-    def __init__(self, dim: int = 16, heads: int = 4, count_attribute: str = "num_heads", explicit: bool = False) -> None:
-        super().__init__()
-        self.count_attribute, self.head_size, self.explicit = count_attribute, dim // heads, explicit
-        setattr(self, count_attribute, heads)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        batch, tokens, _ = x.shape
-        heads = getattr(self, self.count_attribute)
-        if self.explicit:
-            q, k, v = (p(x).view(batch, tokens, heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-            out = ((q @ k.transpose(-2, -1)) * self.head_size ** -0.5).softmax(-1) @ v
-        else:
-            q, k, v = (p(x).view(batch, -1, heads, self.head_size).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
 class Net(nn.Module):
