@@ -72,3 +72,22 @@ def test_a_head_count_under_an_unknown_name_is_caught_and_the_step_refused(style
         report = prune(model, x, 0.5, include=["attn.q_proj"], channel_blocks=blocks, on_unsupported="skip")
     assert len(report.unsupported) == 1 and not report.groups  # the heads' group, left whole
     assert model.attn.q_proj.out_features == 16 and model(x).shape == (2, 6, 3)
+
+
+def test_a_failed_step_puts_the_head_count_back(monkeypatch):
+    """All or nothing: a step that fails after the removals restores the count with the weights."""
+    import lightning_intrafusion.pruner as pruner
+
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 6, 16)
+    before = state(model)
+
+    def fail(*args, **kwargs):
+        assert model.attn.num_heads == 2  # the removal did happen
+        raise RuntimeError("injected failure after the removals")
+
+    monkeypatch.setattr(pruner, "_check_still_runs", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune(model, x, 0.5, include=["attn.q_proj"])
+    assert model.attn.num_heads == 4
+    assert_same_state(before, state(model))
