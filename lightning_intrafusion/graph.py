@@ -143,15 +143,10 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
     # attention layers and packed MLPs recognised by their attributes: their channels come from the modules
     # below, not from Torch-Pruning's groups of their projections (which it cannot resolve)
-    packed = {name: m for name, m in graph.model.named_modules() if packed_attention.is_packed_attention(m) and m.c_attn in graph.module2node}
-    grouped = {name: m for name, m in graph.model.named_modules()
-               if grouped_attention.is_grouped_attention(m) and m.q_proj in graph.module2node}
-    interleaved = {name: m for name, m in graph.model.named_modules()
-                   if interleaved_attention.is_interleaved_attention(m) and m.query_key_value in graph.module2node}
-    gated = {name: m for name, m in graph.model.named_modules()
-             if getattr(m, "gate_up_proj", None) in graph.module2node and packed_mlp.is_packed_gated_mlp(m)}
-    own = ({m.c_attn for m in packed.values()} | {p for m in grouped.values() for p in (m.q_proj, m.k_proj, m.v_proj)}
-           | {m.query_key_value for m in interleaved.values()} | {m.gate_up_proj for m in gated.values()})
+    recognised = [(build, projections, name, module) for recognise, projections, build in _RECOGNISED
+                  for name, module in graph.model.named_modules()
+                  if _traced(graph, getattr(module, projections[0], None)) and recognise(module)]
+    own = {getattr(module, p) for _, projections, _, module in recognised for p in projections}
     for root, tp_group in _tp_groups(graph, roots, names, skip=own):
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
@@ -162,14 +157,12 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
             yield _refuse_unprunable(_attention_heads(name, module), tied)
-    for name, module in packed.items():
-        yield _refuse_unprunable(_packed_attention_heads(name, module), tied)
-    for name, module in grouped.items():
-        yield _refuse_unprunable(_grouped_attention_heads(name, module), tied)
-    for name, module in interleaved.items():
-        yield _refuse_unprunable(_interleaved_attention_heads(name, module), tied)
-    for name, module in gated.items():
-        yield _refuse_unprunable(_packed_mlp_neurons(name, module), tied)
+    for build, _, name, module in recognised:
+        yield _refuse_unprunable(build(name, module), tied)
+
+
+def _traced(graph: tp.DependencyGraph, layer: Any) -> bool:
+    return isinstance(layer, nn.Module) and layer in graph.module2node
 
 
 GROUP_SECONDS = 5.0  # longest a single group may take to resolve; real groups take milliseconds
@@ -343,6 +336,16 @@ def _packed_mlp_neurons(name: str, module: nn.Module) -> PrunableGroup:
     ``gate_up_proj`` (its gate and its up row), consumed by a column of ``down_proj``."""
     parts = [("gate_up_proj", "gate_up_proj", "producer"), ("down_proj", "down_proj", "consumer")]
     return _linear_layers_group(name, module, parts, packed_mlp.positions(module))
+
+
+# layers recognised by their attributes: (recognise, the projections whose channels they own (the first
+# must have been traced), build the group); groups are listed in this order
+_RECOGNISED: Tuple[Tuple[Callable[[nn.Module], bool], Tuple[str, ...], Callable[[str, nn.Module], PrunableGroup]], ...] = (
+    (packed_attention.is_packed_attention, ("c_attn",), _packed_attention_heads),
+    (grouped_attention.is_grouped_attention, ("q_proj", "k_proj", "v_proj"), _grouped_attention_heads),
+    (interleaved_attention.is_interleaved_attention, ("query_key_value",), _interleaved_attention_heads),
+    (packed_mlp.is_packed_gated_mlp, ("gate_up_proj",), _packed_mlp_neurons),
+)
 
 
 def _linear_layers_group(name: str, module: nn.Module, parts: Sequence[Tuple[str, str, str]],
