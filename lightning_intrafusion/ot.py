@@ -180,7 +180,8 @@ def feature_cost(sources: Tensor, targets: Tensor, p: float = 2.0, normalize: bo
     return torch.cdist(sources.unsqueeze(0), targets.unsqueeze(0), p=p).squeeze(0).double()
 
 
-def gram_cost(cross: Tensor, source_norms: Tensor, target_norms: Tensor, normalize: bool = True) -> Tensor:
+def cost_from_inner_products(cross: Tensor, source_norms: Tensor, target_norms: Tensor,
+                             normalize: bool = True) -> Tensor:
     """The ``p=2`` ground cost of :func:`feature_cost` from inner products instead of the features:
     ``cross[i, j] = <u_i, v_j>`` and the squared norms of the sources and targets give
     ``C[i, j] = ||u_i - v_j||_2 = sqrt(|u_i|^2 + |v_j|^2 - 2 <u_i, v_j>)`` (after L2 normalisation when

@@ -508,7 +508,7 @@ def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, co
         norms = channel_square_norms(group.slices, group.folds, roles).reshape(-1, unit).sum(1)
 
         def cost_between(sources: Tensor, rows: Tensor) -> Tensor:
-            return ot_math.gram_cost(cross[sources][:, rows.to(cross.device)], norms[sources],
+            return ot_math.cost_from_inner_products(cross[sources][:, rows.to(cross.device)], norms[sources],
                                      norms[kept[rows].to(norms.device)], normalize=config.normalize_features)
     else:
         features = channel_features(group.slices, group.folds, roles)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lightning_intrafusion.ot import (OTConfig, TransportError, feature_cost, gram_cost, marginal, transport_map,
-                                     transport_plan, unit_inner_products)
+from lightning_intrafusion.ot import (OTConfig, TransportError, cost_from_inner_products, feature_cost, marginal,
+                                     transport_map, transport_plan, unit_inner_products)
 
 
 def _points():
@@ -108,12 +108,12 @@ def test_costs_from_inner_products_equal_the_distances_of_the_features(normalize
     targets = torch.tensor([0, 3, 5, 8])
     norms = features.pow(2).sum(1)
     expected = feature_cost(features, features[targets], p=2, normalize=normalize)
-    got = gram_cost(features @ features[targets].T, norms, norms[targets], normalize=normalize)
+    got = cost_from_inner_products(features @ features[targets].T, norms, norms[targets], normalize=normalize)
     assert torch.allclose(got, expected, atol=1e-6)
     units = features.reshape(4, 21)  # units of 3 consecutive channels
     expected = feature_cost(units, units[[1, 2]], p=2, normalize=normalize)
     cross = unit_inner_products(features @ features[3:9].T, 3)  # channels of units 1 and 2
-    got = gram_cost(cross, norms.reshape(4, 3).sum(1), norms[3:9].reshape(2, 3).sum(1), normalize=normalize)
+    got = cost_from_inner_products(cross, norms.reshape(4, 3).sum(1), norms[3:9].reshape(2, 3).sum(1), normalize=normalize)
     assert torch.allclose(got, expected, atol=1e-6)
 
 
