@@ -125,7 +125,7 @@ def mean_std(values) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seeds", type=int, default=5, help="independently trained models per architecture")
+    parser.add_argument("--seeds", type=int, default=10, help="independently trained models per architecture")
     parser.add_argument("--sweep", action="store_true", help="sweep max_cost (the BatchNorm groups' discard cost) around our default")
     parser.add_argument("--parts", action="store_true", help="also prune the transformers' MLP neurons and heads separately")
     parser.add_argument("--ablations", action="store_true", help="each OTConfig default against its alternative")
@@ -237,7 +237,8 @@ ABLATIONS = {
     "features: producer rows only": {"features": "producer"},
     "marginals: importance": {"marginals": "importance"},
     "formulation: balanced (the release)": {"formulation": "balanced"},
-    "solver: Sinkhorn": {"solver": "sinkhorn"},
+    "solver: exact OT also with BN re-estimation": {"solver": "emd"},
+    "solver: Sinkhorn also without data": {"solver": "sinkhorn"},
 }
 
 

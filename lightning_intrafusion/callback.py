@@ -53,7 +53,8 @@ class IntraFusionCallback(Callback):
             :func:`prune` (``on_unsupported="skip"`` prunes what can be pruned exactly and leaves the rest).
         compare_default: also measure plain pruning of the same channels (on a copy) at each event.
         recalibrate_batches: if > 0, re-estimate BatchNorm statistics on that many recent training
-            batches after fusion and measure again (reported separately).
+            batches after fusion and measure again (reported separately); the default
+            ``OTConfig(solver="auto")`` then takes Sinkhorn plans (see :meth:`OTConfig.resolved`).
         metric: a torchmetrics metric for the evaluations (default: top-1 multiclass accuracy; the
             number of classes is read from the model's output).
         evaluate: measure the metric around each event (needs validation data).
@@ -99,6 +100,10 @@ class IntraFusionCallback(Callback):
         self.unit = unit
         self.schedule = resolve_schedule(schedule, self.target_sparsity)
         self.sparsities = check_monotone(self.schedule, len(self.events))
+        if ot_config is not None and not isinstance(ot_config, OTConfig):
+            raise TypeError(f"ot_config must be an OTConfig, got {type(ot_config).__name__}")
+        # solver="auto": Sinkhorn plans when the BN statistics are re-estimated after every event
+        ot_config = (ot_config or OTConfig()).resolved(recalibrated=recalibrate_batches > 0)
         self.method = method
         self.prune_kwargs = dict(importance=importance, ot_config=ot_config, include=include, exclude=exclude,
                                  channel_blocks=channel_blocks, on_unsupported=on_unsupported)
@@ -120,7 +125,7 @@ class IntraFusionCallback(Callback):
 
     def settings(self) -> Dict[str, Any]:
         """The callback's configuration as plain values (recorded in the logger's run config)."""
-        ot = self.prune_kwargs["ot_config"] or OTConfig()
+        ot = self.prune_kwargs["ot_config"]
         return {"target_sparsity": self.target_sparsity, "events": list(self.events), "unit": self.unit,
                 "schedule": getattr(self.schedule, "__name__", repr(self.schedule)),
                 "sparsities": list(self.sparsities), "method": self.method,

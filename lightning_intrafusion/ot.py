@@ -15,14 +15,14 @@ import ot as pot
 import torch
 from torch import Tensor
 
-Solver = Literal["emd", "sinkhorn"]
+Solver = Literal["auto", "emd", "sinkhorn"]
 Formulation = Literal["balanced", "partial"]
 Marginals = Literal["uniform", "importance"]
 Merge = Literal["average", "sum"]
 Features = Literal["producer", "all"]
 CostScale = Literal["median", "absolute"]
 
-_SOLVERS = ("emd", "sinkhorn")
+_SOLVERS = ("auto", "emd", "sinkhorn")
 _FORMULATIONS = ("balanced", "partial")
 _MARGINALS = ("uniform", "importance")
 _MERGES = ("average", "sum")
@@ -39,7 +39,10 @@ class OTConfig:
     """How Intra-Fusion computes and applies a transport plan.
 
     Args:
-        solver: ``"emd"`` (exact network simplex) or ``"sinkhorn"`` (entropic, GPU-friendly).
+        solver: ``"emd"`` (exact network simplex), ``"sinkhorn"`` (entropic, GPU-friendly) or
+            ``"auto"``: exact OT for a data-free step, Sinkhorn when BatchNorm statistics are re-estimated
+            after the step (``calibration_data=``, the callback's ``recalibrate_batches``), where its
+            plans measured better in every cell of the benchmark (README); see :meth:`resolved`.
         formulation: ``"balanced"`` forces every removed channel into the kept ones (the paper).
             ``"partial"`` lets a removed channel be discarded at cost ``max_cost`` instead of being
             merged into a kept channel that is far from it, so only what is worth merging is merged.
@@ -83,7 +86,7 @@ class OTConfig:
         num_iter_max: iteration cap of the solver; hitting it raises :class:`TransportError`.
     """
 
-    solver: Solver = "emd"
+    solver: Solver = "auto"
     formulation: Formulation = "partial"
     max_cost: float = 1.0
     max_cost_scale: CostScale = "median"
@@ -142,6 +145,14 @@ class OTConfig:
             max_cost_without_bn=None,
         )
         return replace(base, **overrides)
+
+    def resolved(self, recalibrated: bool) -> "OTConfig":
+        """The configuration with ``solver="auto"`` made concrete: ``"sinkhorn"`` when BatchNorm
+        statistics are re-estimated after the step (``recalibrated``), ``"emd"`` otherwise. An explicit
+        solver is kept as it is."""
+        if self.solver != "auto":
+            return self
+        return replace(self, solver="sinkhorn" if recalibrated else "emd")
 
     def for_group(self, heads: bool = False, batch_normalized: bool = True, depthwise: bool = False) -> "OTConfig":
         """The configuration applied to one group: whole heads (see ``head_max_cost``), depthwise chains
@@ -305,6 +316,7 @@ def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, discard: float, config: O
 def _solve(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tensor:
     a = a.to(cost.dtype)
     b = b.to(cost.dtype)
+    config = config.resolved(recalibrated=False)  # on its own, a plan knows of no re-estimation: exact
     if config.solver == "emd":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence is checked explicitly below

@@ -85,7 +85,8 @@ def prune(
             them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
             any data, on inputs distilled from the unpruned model's own BN statistics
             (:func:`~lightning_intrafusion.synthetic.synthesize_inputs` with its defaults; call it yourself
-            to choose their number and the optimisation steps).
+            to choose their number and the optimisation steps). With it, the default
+            ``OTConfig(solver="auto")`` takes Sinkhorn plans (better once statistics are re-estimated).
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -105,7 +106,7 @@ def prune(
         raise ValueError(f"calibration_data must be an iterable of input batches or 'synthetic', got {calibration_data!r}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
-    ot_config = ot_config or OTConfig()
+    ot_config = (ot_config or OTConfig()).resolved(recalibrated=calibration_data is not None)
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")

@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 import torch
 
 from lit import LitClassifier
-from lightning_intrafusion import IntraFusionCallback, restore_pruned
+from lightning_intrafusion import IntraFusionCallback, OTConfig, restore_pruned
 from lightning_intrafusion.datasets import DigitsDataModule
 
 
@@ -168,6 +168,15 @@ def test_fit_skips_a_group_that_cannot_be_pruned_exactly(tmp_path):
 def test_bad_configuration_fails_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         IntraFusionCallback(**kwargs)
+
+
+def test_solver_follows_whether_statistics_are_re_estimated():
+    assert IntraFusionCallback(0.5).settings()["ot_config"]["solver"] == "emd"
+    assert IntraFusionCallback(0.5, recalibrate_batches=4).settings()["ot_config"]["solver"] == "sinkhorn"
+    explicit = IntraFusionCallback(0.5, recalibrate_batches=4, ot_config=OTConfig(solver="emd"))
+    assert explicit.prune_kwargs["ot_config"].solver == "emd"
+    with pytest.raises(TypeError, match="ot_config"):
+        IntraFusionCallback(0.5, ot_config={"solver": "emd"})
 
 
 def test_bad_configuration_fails_before_training(tmp_path):

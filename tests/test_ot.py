@@ -75,6 +75,24 @@ def test_sinkhorn_approximates_exact_transport():
     assert (entropic * cost).sum() == pytest.approx((exact * cost).sum().item(), rel=0.1)
 
 
+def test_auto_solver_is_exact_unless_statistics_are_re_estimated():
+    assert OTConfig().solver == "auto"
+    assert OTConfig().resolved(recalibrated=False).solver == "emd"
+    assert OTConfig().resolved(recalibrated=True).solver == "sinkhorn"
+    for explicit in ("emd", "sinkhorn"):  # an explicit choice is kept either way
+        assert OTConfig(solver=explicit).resolved(recalibrated=True).solver == explicit
+        assert OTConfig(solver=explicit).resolved(recalibrated=False).solver == explicit
+    # a plan on its own knows of no re-estimation: "auto" solves exactly
+    g = torch.Generator().manual_seed(2)
+    sources = torch.randn(10, 3, generator=g, dtype=torch.float64)
+    cost = feature_cost(sources, sources[:4], p=2)
+    a, b = marginal(10, like=cost), marginal(4, like=cost)
+    exact = transport_plan(cost, a, b, OTConfig(solver="emd"), identity=torch.arange(4))
+    entropic = transport_plan(cost, a, b, OTConfig(solver="sinkhorn"), identity=torch.arange(4))
+    assert torch.equal(transport_plan(cost, a, b, OTConfig(), identity=torch.arange(4)), exact)
+    assert not torch.allclose(entropic, exact, atol=1e-6)
+
+
 def test_failures_are_detected():
     cost = torch.rand(20, 10, dtype=torch.float64)
     a, b = marginal(20, like=cost), marginal(10, like=cost)

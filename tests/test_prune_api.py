@@ -390,6 +390,17 @@ def test_sinkhorn_solver_prunes():
     assert torch.isfinite(model(X)).all()
 
 
+def test_re_estimated_statistics_take_sinkhorn_plans_by_default():
+    batches = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    pruned = {}
+    for label, config in (("auto", None), ("sinkhorn", OTConfig(solver="sinkhorn")), ("emd", OTConfig(solver="emd"))):
+        torch.manual_seed(0)
+        pruned[label] = _resnet()
+        prune(pruned[label], X, 0.5, ot_config=config, calibration_data=batches)
+    assert_same_state(state(pruned["auto"]), state(pruned["sinkhorn"]))
+    assert any(not torch.equal(a, b) for a, b in zip(state(pruned["auto"]).values(), state(pruned["emd"]).values()))
+
+
 def test_prune_checkpoint_one_shot_and_restore(tmp_path):
     from lightning_intrafusion import prune_checkpoint, restore_pruned
 
