@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Mapping, Optional, Sequence
+import copy
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lightning_intrafusion import PruneReport, prune
 from lightning_intrafusion.graph import build_graph, iter_groups, matches
+from lightning_intrafusion.surgery import replay_history
 
 
 class EvenUnitsFirst:
@@ -88,6 +91,35 @@ def prune_with_mirrored_momentum(model: nn.Module, prune_step: Callable[[nn.Modu
     for name, p in model.named_parameters():
         assert torch.equal(optimizer.state[p]["momentum_buffer"], p.detach()), name
     return report
+
+
+def fuse_and_prune_plainly(model: nn.Module, inputs: Mapping[str, Any], sparsity: float,
+                           **kwargs: Any) -> Tuple[nn.Module, nn.Module, PruneReport, torch.Tensor]:
+    """Intra-Fusion and plain pruning of the same channels, each on a copy of a language ``model`` called
+    with keyword ``inputs``. Returns the fused copy, the plainly pruned copy, the fusion's report and the
+    unpruned model's logits."""
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, inputs, sparsity, **kwargs)
+    prune(plain, inputs, sparsity, **{**kwargs, "method": "default"})
+    return fused, plain, report, expected
+
+
+@torch.no_grad()
+def assert_only_fusion_keeps_the_outputs(fused: nn.Module, plain: nn.Module, inputs: Mapping[str, Any],
+                                         expected: torch.Tensor, atol: float = 1e-5) -> None:
+    assert torch.allclose(fused(**inputs).logits, expected, atol=atol)
+    assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def assert_reloads(pruned: nn.Module, fresh: nn.Module, report: PruneReport, inputs: Mapping[str, Any]) -> None:
+    """How a pruned checkpoint is reloaded: a model built from the same config (``fresh``), the recorded
+    removals replayed on it, the weights loaded; it computes exactly what ``pruned`` computes."""
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(pruned.state_dict())
+    assert torch.equal(fresh(**inputs).logits, pruned(**inputs).logits)
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:

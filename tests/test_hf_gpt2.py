@@ -2,14 +2,14 @@
 (weight stored as (in, out)), its attention packs query/key/value in one layer, and its output layer
 is tied to the input embedding."""
 
-import copy
-
 import pytest
 import torch
 
-from helpers import EvenUnitsFirst, duplicate_odd_units, prune_with_mirrored_momentum
+from helpers import (
+    EvenUnitsFirst, assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units,
+    fuse_and_prune_plainly, prune_with_mirrored_momentum,
+)
 from lightning_intrafusion import UnsupportedModelError, prune
-from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,19 +28,13 @@ def _gpt2():
 def test_mlp_neurons_of_conv1d_layers_are_fused_exactly():
     model, inputs = _gpt2()
     duplicate_odd_units(model, inputs, include=MLP)
-    expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP)
-    prune(plain, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP, method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP)
     assert [(g.width_before, g.width_after, g.merged) for g in report.groups] == [(128, 64, 64)] * 2
     assert fused.transformer.h[0].mlp.c_fc.weight.shape == (32, 64)  # (in, out)
     assert fused.transformer.h[0].mlp.c_proj.weight.shape == (64, 32)
     assert report.macs_after < report.macs_before
-    assert torch.allclose(fused(**inputs).logits, expected, atol=1e-4)
-    assert (plain(**inputs).logits - expected).abs().max() > 1e-2
-    fresh, _ = _gpt2()
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(fused.state_dict())
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected, atol=1e-4)
+    assert_reloads(fused, _gpt2()[0], report, inputs)
 
 
 @pytest.mark.parametrize("include", [MLP, ["*.attn.c_attn", *MLP]], ids=["mlp", "heads and mlp"])
@@ -71,21 +65,14 @@ def _duplicate_odd_heads(model) -> None:
 def test_heads_of_packed_attention_are_fused_exactly_and_replay():
     model, inputs = _gpt2()
     _duplicate_odd_heads(model)
-    expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, include=["*.attn.c_attn"])
-    prune(plain, inputs, 0.5, include=["*.attn.c_attn"], method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.attn.c_attn"])
     assert [(g.name, g.width_before, g.width_after, g.merged) for g in sorted(report.groups, key=lambda g: g.name)] == [
         ("transformer.h.0.attn", 32, 16, 16), ("transformer.h.1.attn", 32, 16, 16)]
     attn = fused.transformer.h[0].attn
     assert (attn.num_heads, attn.split_size, attn.c_attn.nf, attn.c_proj.nx) == (2, 16, 48, 16)
     assert attn.c_attn.weight.shape == (32, 48) and attn.c_proj.weight.shape == (16, 32)
-    assert torch.allclose(fused(**inputs).logits, expected, atol=1e-4)
-    assert (plain(**inputs).logits - expected).abs().max() > 1e-2
-    fresh, _ = _gpt2()
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(fused.state_dict())
-    assert torch.equal(fresh(**inputs).logits, fused(**inputs).logits)
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected, atol=1e-4)
+    assert_reloads(fused, _gpt2()[0], report, inputs)
 
 
 def test_tied_width_is_refused():

@@ -3,14 +3,14 @@ head's query, key and value rows lie together in one ``query_key_value`` project
 ``(..., heads, 3 * head_size)`` and chunked, with partial rotary embeddings; the graph cannot follow the
 view, so the layer is recognised by its attributes."""
 
-import copy
-
 import pytest
 import torch
 
-from helpers import duplicate_odd_units, prune_with_mirrored_momentum
+from helpers import (
+    assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units, fuse_and_prune_plainly,
+    prune_with_mirrored_momentum,
+)
 from lightning_intrafusion import OTConfig, prune
-from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
 
@@ -38,18 +38,13 @@ def test_heads_fuse_exactly():
             for start in (8, 24):
                 attn.dense.weight[:, start:start + 8] *= 0.5
     duplicate_odd_units(model, inputs, include=HEADS, units={HEADS[0]: 8})
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, importance="l2", include=HEADS, ot_config=OTConfig(features="producer"))
-    prune(plain, inputs, 0.5, importance="l2", include=HEADS, method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance="l2", include=HEADS,
+                                                            ot_config=OTConfig(features="producer"))
     assert [(g.name, g.width_before, g.width_after, g.merged) for g in report.groups] == [
         (f"gpt_neox.layers.{i}.attention.query_key_value", 32, 16, 16) for i in range(2)]
     attn = fused.gpt_neox.layers[0].attention
     assert attn.query_key_value.weight.shape == (48, 32) and attn.dense.weight.shape == (32, 16)
-    with torch.no_grad():
-        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
-        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
 def test_one_call_prunes_heads_mlps_and_hidden_width_and_reloads():
@@ -58,12 +53,9 @@ def test_one_call_prunes_heads_mlps_and_hidden_width_and_reloads():
     assert not report.unsupported
     assert {g.name for g in report.groups} >= {f"gpt_neox.layers.{i}.attention.query_key_value" for i in range(2)}
     assert model.gpt_neox.embed_in.weight.shape == (50, 16)  # the hidden width too
-    fresh, _ = _gpt_neox()  # how a pruned checkpoint is reloaded: config model, replayed removals, weights
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert model(**inputs).logits.shape == (2, 8, 50)
-        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+    assert_reloads(model, _gpt_neox()[0], report, inputs)
 
 
 def test_optimizer_state_of_interleaved_heads_is_sliced_like_the_weights():

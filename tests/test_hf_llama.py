@@ -3,14 +3,14 @@ gated (SwiGLU) MLPs, and attention with rotary position embeddings (whose slicin
 dependency graph cannot follow) and, optionally, grouped key/value heads: its heads are recognised by the
 attention layer's attributes."""
 
-import copy
-
 import pytest
 import torch
 
-from helpers import EvenUnitsFirst, duplicate_odd_units
+from helpers import (
+    EvenUnitsFirst, assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units,
+    fuse_and_prune_plainly,
+)
 from lightning_intrafusion import OTConfig, prune
-from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,18 +36,12 @@ def _llama(kv_heads: int = 4, family: str = "llama"):
 def test_mlps_and_rmsnorm_hidden_width_fuse_exactly():
     model, inputs = _llama()
     duplicate_odd_units(model, inputs, include=MLP_AND_HIDDEN)
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP_AND_HIDDEN,
-                   ot_config=OTConfig(features="producer"))
-    prune(plain, inputs, 0.5, importance=EvenUnitsFirst(), include=MLP_AND_HIDDEN, method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance=EvenUnitsFirst(),
+                                                            include=MLP_AND_HIDDEN, ot_config=OTConfig(features="producer"))
     assert sorted((g.name, g.width_after) for g in report.groups) == [
         ("model.layers.0.mlp.up_proj", 32), ("model.layers.1.mlp.down_proj", 16), ("model.layers.1.mlp.up_proj", 32)]
     assert fused.model.norm.weight.shape == (16,) and fused.model.layers[0].self_attn.q_proj.weight.shape == (32, 16)
-    with torch.no_grad():
-        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
-        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
 @pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("gemma2", 2)],
@@ -63,23 +57,15 @@ def test_heads_fuse_exactly_in_units_of_a_key_value_head(family, kv_heads):
         for layer in model.model.layers:
             for start in range(unit, 32, 2 * unit):
                 layer.self_attn.o_proj.weight[:, start:start + unit] *= 0.5
-        expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, include=["*.q_proj"], ot_config=OTConfig(features="producer"))
-    prune(plain, inputs, 0.5, include=["*.q_proj"], method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.q_proj"],
+                                                            ot_config=OTConfig(features="producer"))
     assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
         ("model.layers.0.self_attn.q_proj", 16, 16), ("model.layers.1.self_attn.q_proj", 16, 16)]
     attn = fused.model.layers[0].self_attn
     assert attn.q_proj.weight.shape == (16, 32) and attn.o_proj.weight.shape == (32, 16)
     assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (4 * kv_heads, 32)  # half the key/value heads
-    with torch.no_grad():
-        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
-        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
-    fresh, _ = _llama(kv_heads, family)
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(fused.state_dict())
-    with torch.no_grad():
-        assert torch.equal(fresh(**inputs).logits, fused(**inputs).logits)
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
+    assert_reloads(fused, _llama(kv_heads, family)[0], report, inputs)
 
 
 @pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma2", 2)])
@@ -90,9 +76,6 @@ def test_one_call_prunes_heads_mlps_and_hidden_width(family, kv_heads):
     assert {g.name: g.width_after for g in report.groups} == {
         "model.layers.0.mlp.up_proj": 32, "model.layers.1.mlp.up_proj": 32, "model.layers.1.mlp.down_proj": 16,
         "model.layers.0.self_attn.q_proj": 16, "model.layers.1.self_attn.q_proj": 16}
-    fresh, _ = _llama(kv_heads, family)  # how a pruned checkpoint is reloaded: config model, replay, weights
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert model(**inputs).logits.shape == (2, 8, 50)
-        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+    assert_reloads(model, _llama(kv_heads, family)[0], report, inputs)

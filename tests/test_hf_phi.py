@@ -4,16 +4,16 @@ MLP's gate and up projections in one layer (``gate_up_proj``, chunked in two in 
 dependency graph cannot follow, and its query/key/value in another (``qkv_proj``, split by a head count
 the forward reads from the shared config, so its heads are left whole)."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
-from helpers import assert_same_state, duplicate_odd_units, prune_with_mirrored_momentum, state
+from helpers import (
+    assert_only_fusion_keeps_the_outputs, assert_reloads, assert_same_state, duplicate_odd_units,
+    fuse_and_prune_plainly, prune_with_mirrored_momentum, state,
+)
 from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 from lightning_intrafusion.packed_mlp import is_packed_gated_mlp
-from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
 
@@ -46,18 +46,13 @@ def test_packed_gate_and_up_neurons_fuse_exactly():
             mlp.down_proj.weight.div_(mlp.down_proj.weight.norm(dim=0, keepdim=True))
             mlp.down_proj.weight[:, 1::2] *= 0.5
     duplicate_odd_units(model, inputs, include=["*.gate_up_proj"])
-    with torch.no_grad():
-        expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, importance="l2", include=["*.gate_up_proj"], ot_config=OTConfig(features="producer"))
-    prune(plain, inputs, 0.5, importance="l2", include=["*.gate_up_proj"], method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance="l2", include=["*.gate_up_proj"],
+                                                            ot_config=OTConfig(features="producer"))
     assert [(g.name, g.width_before, g.width_after, g.merged) for g in report.groups] == [
         (f"model.layers.{i}.mlp.gate_up_proj", 64, 32, 32) for i in range(2)]
     mlp = fused.model.layers[0].mlp
     assert mlp.gate_up_proj.weight.shape == (64, 32) and mlp.down_proj.weight.shape == (32, 32)
-    with torch.no_grad():
-        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
-        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
 def test_one_call_prunes_mlps_and_hidden_width_and_leaves_the_packed_heads_whole():
@@ -68,12 +63,9 @@ def test_one_call_prunes_mlps_and_hidden_width_and_leaves_the_packed_heads_whole
     assert {g.name: g.width_after for g in report.groups} == {
         "model.layers.0.mlp.gate_up_proj": 32, "model.layers.1.mlp.gate_up_proj": 32, "model.layers.1.mlp.down_proj": 16}
     assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (64, 16)
-    fresh, _ = _phi3()  # how a pruned checkpoint is reloaded: config model, replayed removals, weights
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert model(**inputs).logits.shape == (2, 8, 50)
-        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+    assert_reloads(model, _phi3()[0], report, inputs)
 
 
 def test_optimizer_state_of_packed_neurons_is_sliced_like_the_weights():
@@ -93,17 +85,13 @@ def test_heads_of_attention_with_a_dense_output_projection_fuse_exactly():
         for layer in model.model.layers:
             for start in (8, 24):
                 layer.self_attn.dense.weight[:, start:start + 8] *= 0.5
-        expected = model(**inputs).logits
-    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(fused, inputs, 0.5, include=["*.q_proj"], ot_config=OTConfig(features="producer"))
-    prune(plain, inputs, 0.5, include=["*.q_proj"], method="default")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.q_proj"],
+                                                            ot_config=OTConfig(features="producer"))
     assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
         (f"model.layers.{i}.self_attn.q_proj", 16, 16) for i in range(2)]
     attn = fused.model.layers[0].self_attn
     assert attn.k_proj.weight.shape == (16, 32) and attn.dense.weight.shape == (32, 16)
-    with torch.no_grad():
-        assert torch.allclose(fused(**inputs).logits, expected, atol=1e-5)
-        assert (plain(**inputs).logits - expected).abs().max() > 1e-2
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
 def test_phi_is_pruned_whole_in_one_call():
@@ -111,11 +99,7 @@ def test_phi_is_pruned_whole_in_one_call():
     report = prune(model, inputs, 0.5)
     assert not report.unsupported
     assert {g.name for g in report.groups} >= {f"model.layers.{i}.self_attn.q_proj" for i in range(2)}
-    fresh, _ = _phi()
-    replay_history(fresh, [report.removals])
-    fresh.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+    assert_reloads(model, _phi()[0], report, inputs)
 
 
 class _GatedMLP(nn.Module):
