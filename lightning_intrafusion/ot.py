@@ -314,26 +314,30 @@ def _solve_partial(cost: Tensor, a: Tensor, b: Tensor, discard: float, config: O
 
 
 def _solve(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tensor:
+    """The plan of the balanced problem; each solver checks its own convergence."""
     a = a.to(cost.dtype)
     b = b.to(cost.dtype)
     config = config.resolved(recalibrated=False)  # on its own, a plan knows of no re-estimation: exact
-    if config.solver == "emd":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # convergence is checked explicitly below
-            plan, log = pot.emd(a, b, cost, numItermax=int(config.num_iter_max), log=True)
-        if log.get("result_code") != 1:
-            raise TransportError(
-                f"exact OT (ot.emd) did not reach an optimal plan (result_code={log.get('result_code')}, "
-                f"{log.get('warning')}); raise OTConfig.num_iter_max (now {config.num_iter_max}) "
-                "or use solver='sinkhorn'"
-            )
-    else:
-        plan = _sinkhorn(cost, a, b, config)
+    plan = _exact(cost, a, b, config) if config.solver == "emd" else _sinkhorn(cost, a, b, config)
     if not torch.isfinite(plan).all():
         raise TransportError(f"{config.solver} returned a plan with NaN/inf entries")
+    return plan
+
+
+def _exact(cost: Tensor, a: Tensor, b: Tensor, config: OTConfig) -> Tensor:
+    """Exact OT (POT's network simplex, on the CPU). A solver that stops before optimality or returns
+    a plan off its marginals raises :class:`TransportError`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # convergence is checked explicitly below
+        plan, log = pot.emd(a, b, cost, numItermax=int(config.num_iter_max), log=True)
+    if log.get("result_code") != 1:
+        raise TransportError(
+            f"exact OT (ot.emd) did not reach an optimal plan (result_code={log.get('result_code')}, "
+            f"{log.get('warning')}); raise OTConfig.num_iter_max (now {config.num_iter_max}) "
+            "or use solver='sinkhorn'"
+        )
     err = max((plan.sum(1) - a).abs().max().item(), (plan.sum(0) - b).abs().max().item())
-    tol = 1e-6 if config.solver == "emd" else 1e-4
-    if err > tol * max(1.0, float(a.sum())):
+    if err > 1e-6 * max(1.0, float(a.sum())):
         raise TransportError(
             f"{config.solver} plan violates its marginals by {err:.2e} (did not converge within "
             f"num_iter_max={config.num_iter_max}); raise num_iter_max or sinkhorn_reg"
