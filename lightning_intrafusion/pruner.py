@@ -6,6 +6,7 @@ Knows Torch-Pruning (through :mod:`lightning_intrafusion.graph`); knows nothing 
 
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from lightning_intrafusion import ot as ot_math
-from lightning_intrafusion.calibration import recalibrate_batchnorm
+from lightning_intrafusion.calibration import recalibrate_batchnorm, tracking_batchnorms
+from lightning_intrafusion.compensation import consumer_input_means, lost_mean_shifts
 from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import eager, eval_forward
 from lightning_intrafusion.fusion import (
@@ -60,6 +62,7 @@ def prune(
     exclude: Optional[Sequence[str]] = None,
     calibration_data: Union[None, str, Iterable[Any]] = None,
     calibration_batches: Optional[int] = None,
+    compensate_means: bool = True,
     reference_widths: Optional[Mapping[str, int]] = None,
     channel_blocks: Optional[Mapping[str, int]] = None,
     gradient_fn: Optional[Callable[[nn.Module], Tensor]] = None,
@@ -85,8 +88,13 @@ def prune(
             them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
             any data, on inputs distilled from the unpruned model's own BN statistics
             (:func:`~lightning_intrafusion.synthetic.synthesize_inputs` with its defaults; call it yourself
-            to choose their number and the optimisation steps). With it, the default
+            to choose their number and the optimisation steps). With it, on a model with BatchNorm, the default
             ``OTConfig(solver="auto")`` takes Sinkhorn plans (better once statistics are re-estimated).
+        compensate_means: with ``calibration_data``, first measure the mean input of every layer with a
+            bias on it (the model as it is), then move the mean contribution of each channel that is
+            removed without being merged (entirely under ``"default"``) into its consumers' biases
+            (:mod:`~lightning_intrafusion.compensation`): where no BatchNorm follows (transformer blocks,
+            classifiers, MLPs), re-estimating statistics cannot recentre the outputs, this does.
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -106,7 +114,9 @@ def prune(
         raise ValueError(f"calibration_data must be an iterable of input batches or 'synthetic', got {calibration_data!r}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
-    ot_config = (ot_config or OTConfig()).resolved(recalibrated=calibration_data is not None)
+    # solver="auto": Sinkhorn plans where BatchNorm statistics will be re-estimated after the step
+    ot_config = (ot_config or OTConfig()).resolved(
+        recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)))
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")
@@ -127,6 +137,11 @@ def prune(
             if calibration_data == "synthetic":
                 log("distilling calibration inputs from the model's BatchNorm statistics")
                 batches, calibration = synthesize_inputs(model, example_inputs), "synthetic"
+            if calibration and compensate_means:
+                if iter(batches) is batches:  # a one-shot iterator: read once, used twice
+                    batches = list(itertools.islice(batches, calibration_batches))
+                log("measuring the mean inputs of layers with a bias")
+                step.input_means = consumer_input_means(model, batches, calibration_batches)
             try:
                 group_reports, removals, skipped = step.run(model)
             except ForwardBrokenError:
@@ -195,6 +210,7 @@ class _Step:
     gradient_fn: Optional[Callable[[nn.Module], Tensor]]
     on_unsupported: str
     log: Callable[[str], None]
+    input_means: Optional[Mapping[str, Tensor]] = None  # of consumer layers, for mean compensation
 
     def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
         self.log("tracing the model and building its dependency graph")
@@ -213,7 +229,7 @@ class _Step:
         if needs_gradients(self.scorer):
             _accumulate_gradients(model, self.gradient_fn)
         group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
-                                                self.reference_widths, self.channel_blocks, self.log)
+                                                self.reference_widths, self.channel_blocks, self.log, self.input_means)
         _check_still_runs(model, self.example_inputs, self.output_before)
         return group_reports, removals, skipped
 
@@ -402,9 +418,11 @@ def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], T
 def _prune_groups(
     graph: tp.DependencyGraph, groups: Sequence[PrunableGroup], sparsity: float, method: str, scorer: Any,
     config: OTConfig, reference_widths: Mapping[str, int], channel_blocks: Mapping[str, int],
-    log: Callable[[str], None] = _silent,
+    log: Callable[[str], None] = _silent, input_means: Optional[Mapping[str, Tensor]] = None,
 ) -> Tuple[List[GroupReport], List[Removal]]:
-    """Fuse every group (values only; shapes unchanged), then remove all channels in one pass."""
+    """Fuse every group (values only; shapes unchanged), then remove all channels in one pass. With
+    ``input_means`` (see :func:`~lightning_intrafusion.compensation.consumer_input_means`) the mean
+    contribution of what is removed without being merged moves into the consumers' biases."""
     reports: List[GroupReport] = []
     entries = []
     for number, group in enumerate(groups, 1):
@@ -422,10 +440,18 @@ def _prune_groups(
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()
         kept = _choose_kept(scores, keep, group.blocks, unit)
+        removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
+        lost = torch.zeros(group.width, dtype=torch.float64)
+        lost[removed] = 1.0
         if method == "intrafusion":
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
-            report.merged = _fuse(graph, group, scores, kept, unit, group_config)
-        removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
+            transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
+            lost = (1.0 - transport.sum(0)).clamp_min(0)  # the share of each channel merged nowhere
+            lost[lost < 1e-9] = 0.0
+        shifts = lost_mean_shifts(group.slices, input_means, lost) if input_means else {}
+        if method == "intrafusion":
+            report.merged = _fuse(graph, group, transport, kept, unit, group_config)
+        _shift_biases(graph.model, shifts)
         entries.extend(group.removals(removed))
         if unit > 1 and all(side in ("out", "in") for _, side, _ in group.layers):  # heads removed as plain layer rows
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
@@ -439,13 +465,11 @@ def _prune_groups(
     return reports, removals
 
 
-def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int,
+def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, kept: Tensor, unit: int,
           config: OTConfig) -> int:
-    """Merge all channels of ``group`` into the kept ones along an OT plan (values only; shapes are
-    unchanged until the removal). Returns how many removed channels were merged somewhere."""
-    # channel similarities, once per group: the transport costs, norm preservation, BN statistics and the
-    # variance estimate share them
-    transport = _expand_units(_transport(group, scores, kept, unit, config), unit)
+    """Merge all channels of ``group`` into the kept ones along the transport map (kept channels x all
+    channels; values only, shapes are unchanged until the removal). Returns how many removed channels
+    were merged somewhere."""
     channels = _expand_index(kept, unit)
     merged = int((transport.sum(0) > 0).sum().item()) - len(channels)
     if merged == 0 and not (config.correct_variance and _batchnorm_after_consumers(graph, group)):
@@ -460,6 +484,14 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, scores: Tensor, kept:
         _correct_following_batchnorms(graph, group, ratios)
     _assign(group, fused)
     return merged
+
+
+def _shift_biases(model: nn.Module, shifts: Mapping[str, Tensor]) -> None:
+    """Add each shift to the bias of the layer whose weight it is keyed by (rebinding its data, never
+    writing into the old storage, which the step's snapshot holds)."""
+    for key, shift in shifts.items():
+        bias = model.get_parameter(key[: -len("weight")] + "bias")
+        bias.data = bias.data + shift.to(device=bias.device, dtype=bias.dtype)
 
 
 def _block_size(group: PrunableGroup, channel_blocks: Mapping[str, int]) -> int:
