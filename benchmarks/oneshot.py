@@ -1,7 +1,8 @@
 """One-shot, data-free pruning on digits: default vs Intra-Fusion (paper preset) vs Intra-Fusion
-(our defaults), each with and without BatchNorm re-estimation; no fine-tuning.
+(our defaults), each without data, with calibration data (BatchNorm re-estimation and mean
+compensation, for every method alike) and with synthetic BN recalibration; no fine-tuning.
 
-    python benchmarks/oneshot.py            # full table (trains and caches 5 models per architecture once)
+    python benchmarks/oneshot.py            # full table (trains and caches 10 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost (the BatchNorm groups' discard cost)
     python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
     python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates)
@@ -107,8 +108,9 @@ def variants(max_cost: float, has_batchnorm: bool, has_depthwise: bool = False):
 
 
 def run_cell(model, name, sparsity, extra, train_set, test_set, calibrate, scope=None):
-    """Prune a copy of ``model`` and measure it; ``calibrate``: False (no data), True (BN statistics
-    re-estimated on 8 training batches) or a list of batches to re-estimate them on."""
+    """Prune a copy of ``model`` and measure it; ``calibrate``: False (no data), True (8 training batches as
+    ``calibration_data``: BN statistics re-estimated and the means of removed channels compensated) or a
+    list of batches to use instead."""
     pruned = copy.deepcopy(model)
     x = test_set.tensors[0][:8]
     calib = calibrate if isinstance(calibrate, list) else None
@@ -141,9 +143,9 @@ def main() -> None:
     print(f"command: python benchmarks/oneshot.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; digits: {len(train_set)} train / "
           f"{len(test_set)} test; accuracy: mean ±std over {args.seeds} models trained from different seeds\n")
-    print("| model | sparsity | method | acc | acc +BN recal | acc +synthetic BN recal | params | MACs | seconds |")
+    print("| model | sparsity | method | acc | acc +calibration | acc +synthetic BN recal | params | MACs | seconds |")
     print("|---|---|---|---|---|---|---|---|---|")
-    # (name, sparsity, label) -> per-model accuracies [without data, BN recal, synthetic BN recal]
+    # (name, sparsity, label) -> per-model accuracies [without data, calibration data, synthetic BN recal]
     results = {}
     for name in MODELS:
         models = [trained(name, train_set, seed) for seed in seeds]
@@ -158,13 +160,14 @@ def main() -> None:
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 accs, report = [a for a, _ in runs], runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
-                results[name, s, label] = [accs]
-                recal = synthetic = "n/a (no BatchNorm)"
+                calibrated = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
+                results[name, s, label] = [accs, calibrated]
+                synthetic = "n/a (no BatchNorm)"
                 if has_batchnorm:
-                    calibrated = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
                     on_distilled = [run_cell(m, name, s, extra, train_set, test_set, d)[0] for m, d in zip(models, distilled)]
-                    results[name, s, label] += [calibrated, on_distilled]
-                    recal, synthetic = mean_std(calibrated), mean_std(on_distilled)
+                    results[name, s, label].append(on_distilled)
+                    synthetic = mean_std(on_distilled)
+                recal = mean_std(calibrated)
                 print(f"| {name} | {s:.0%} | {label} | {mean_std(accs)} | {recal} | {synthetic} | "
                       f"{report.params_after:,} | {report.macs_after:,} | {seconds:.3f} |")
     summarize(results)
@@ -185,11 +188,11 @@ def _paired(ours, theirs) -> str:
     return f"{d.mean():+.1f} ±{se:.1f} ({int((d >= 0).sum())}/{len(d)})"
 
 
-COLUMNS = ("", " +recal", " +synthetic recal")  # without data, BN recal on training data, BN recal on distilled inputs
+COLUMNS = ("", " +calibration", " +synthetic recal")  # without data, 8 training batches, BN recal on distilled inputs
 
 
 def summarize(results) -> None:
-    """How often (cells x {without data, with BN recalibration}, on mean accuracy) our defaults match or
+    """How often (cells x {without data, with calibration data}, on mean accuracy) our defaults match or
     beat plain pruning and the paper preset; the same for the data-free synthetic recalibration on its
     own; and the paired per-model differences behind each cell."""
     cells = [(name, s) for name, s, label in results if label == "default"]
@@ -214,7 +217,7 @@ def summarize(results) -> None:
                           + (f"; below: {', '.join(losses)}" if losses else ""))
     print("\nPaired differences, if-ours minus rival on the same trained model: mean ±standard error "
           "(models where if-ours >= rival)\n")
-    print("| model | sparsity | vs default | vs if-paper | vs default +BN recal | vs if-paper +BN recal "
+    print("| model | sparsity | vs default | vs if-paper | vs default +calibration | vs if-paper +calibration "
           "| vs default +synthetic | vs if-paper +synthetic |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in cells:
@@ -241,16 +244,21 @@ ABLATIONS = {
     "solver: Sinkhorn also without data": {"solver": "sinkhorn"},
 }
 
+# --ablations: prune() settings other than OTConfig, changed one at a time
+PRUNE_ABLATIONS = {
+    "calibration without mean compensation (BN re-estimation only)": {"compensate_means": False},
+}
+
 
 def ablations(train_set, test_set, seeds, results) -> None:
     """Mean accuracy per architecture (over the three sparsities and the models) of our defaults and of
-    each single change to them, on the issue's benchmark set; the last columns count the cells (no data,
-    and with BN re-estimation) where the change is at or above our defaults."""
+    each single change to them, on the issue's benchmark set, without data and with calibration data; the
+    last column counts the cells where the change is at or above our defaults."""
     names = [n for n in MODELS if n not in EXTRA]
-    print("\nAblations: our defaults with one OTConfig setting changed (mean accuracy over 30/50/70% and "
-          f"{len(seeds)} models; +recal: with BN re-estimation)\n")
-    print("| OTConfig | " + " | ".join(names) + " | vgg +recal | resnet +recal | cells >= defaults |")
-    print("|---|" + "---|" * (len(names) + 3))
+    print("\nAblations: our defaults with one setting changed (mean accuracy over 30/50/70% and "
+          f"{len(seeds)} models; +cal: with calibration data)\n")
+    print("| setting | " + " | ".join(names) + " | " + " | ".join(f"{n} +cal" for n in names) + " | cells >= defaults |")
+    print("|---|" + "---|" * (2 * len(names) + 1))
 
     def row(label: str, per_cell) -> None:
         means, recal, cells = [], [], 0
@@ -267,15 +275,15 @@ def ablations(train_set, test_set, seeds, results) -> None:
               + " | ".join(f"{r:.1f}" for r in recal) + f" | {cells}/{total} |")
 
     row("our defaults", {(n, s): [_mean(a) for a in results[n, s, "if-ours"][:2]] for n in names for s in SPARSITIES})
-    for label, change in ABLATIONS.items():
+    changes = {label: {"ot_config": OTConfig(**change)} for label, change in ABLATIONS.items()}
+    changes.update(PRUNE_ABLATIONS)
+    for label, extra in changes.items():
         per_cell = {}
         for name in names:
             models = [trained(name, train_set, seed) for seed in seeds]
-            has_batchnorm = len(results[name, SPARSITIES[0], "if-ours"]) > 1
             for s in SPARSITIES:
-                extra = {"ot_config": OTConfig(**change)}
                 per_cell[name, s] = [_mean([run_cell(m, name, s, extra, train_set, test_set, cal)[0] for m in models])
-                                     for cal in ((False, True) if has_batchnorm else (False,))]
+                                     for cal in (False, True)]
         row(label, per_cell)
 
 
@@ -298,12 +306,12 @@ def sweep(train_set, test_set, seeds) -> None:
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules()):
             continue
         for s in SPARSITIES:
-            rows = {"none": [], "BN recal": [], "merged": []}
+            rows = {"none": [], "calibration": [], "merged": []}
             for mc in SWEEP:
                 extra = dict(ot_config=OTConfig(max_cost=mc))
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 rows["none"].append(f"{_mean([a for a, _ in runs]):.1f}")
-                rows["BN recal"].append(f"{_mean([run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]):.1f}")
+                rows["calibration"].append(f"{_mean([run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]):.1f}")
                 merged = sum(g.merged for _, r in runs for g in r.groups)
                 removed = sum(g.width_before - g.width_after for _, r in runs for g in r.groups)
                 rows["merged"].append(f"{merged / max(removed, 1):.0%}")
