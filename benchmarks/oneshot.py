@@ -242,6 +242,7 @@ ABLATIONS = {
     "formulation: balanced (the release)": {"formulation": "balanced"},
     "solver: exact OT also with BN re-estimation": {"solver": "emd"},
     "solver: Sinkhorn also without data": {"solver": "sinkhorn"},
+    "groups without BN: threshold 1.2 also with compensated means": {"max_cost_without_bn_compensated": None},
 }
 
 # --ablations: prune() settings other than OTConfig, changed one at a time

@@ -114,9 +114,11 @@ def prune(
         raise ValueError(f"calibration_data must be an iterable of input batches or 'synthetic', got {calibration_data!r}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
-    # solver="auto": Sinkhorn plans where BatchNorm statistics will be re-estimated after the step
+    # the step's settings: solver="auto" takes Sinkhorn where BN statistics are re-estimated after the step,
+    # and groups without BN merge only closer channels where the means of removed ones are compensated
     ot_config = (ot_config or OTConfig()).resolved(
-        recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)))
+        recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)),
+        compensated=calibration_data is not None and compensate_means)
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from helpers import EvenUnitsFirst
-from lightning_intrafusion import prune
+from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion.compensation import consumer_input_means, lost_mean_shifts
 from lightning_intrafusion.fusion import ChannelSlice
 from lightning_intrafusion.models import MLP, SmallTransformer, SmallVGG
@@ -115,6 +115,26 @@ def test_shift_of_partly_merged_channels_counts_only_what_was_lost():
     means = {"fc.weight": torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)}
     shifts = lost_mean_shifts([consumer], means, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     assert torch.allclose(shifts["fc.weight"], torch.tensor([0.5 * 2 * 10 + 3 * 100, 0.5 * 5 * 10 + 6 * 100], dtype=torch.float64))
+
+
+def test_with_compensated_means_only_closer_neurons_are_merged():
+    """Neuron 2m+1 is neuron 2m plus an orthogonal part 1.5 times as long (cosine 0.55, distance 0.94):
+    merged without data (max_cost_without_bn=1.2), dropped with its mean compensated (0.9)."""
+    torch.manual_seed(0)
+    model = MLP(d_in=64, hidden=(32,)).eval()
+    layer = model.body[0]
+    with torch.no_grad():
+        rows = torch.linalg.qr(torch.randn(64, 32)).Q.T * 10.0  # orthogonal rows, dominating the features
+        layer.weight.copy_(rows)
+        layer.weight[1::2] = rows[0::2] + 1.5 * rows[1::2]
+        layer.weight[1::2] *= 10.0 / layer.weight[1::2].norm(dim=1, keepdim=True)
+    counts = {}
+    for label, kwargs in {"no data": {}, "compensated": {"calibration_data": BATCHES},
+                          "as without data": {"calibration_data": BATCHES,
+                                              "ot_config": OTConfig(max_cost_without_bn_compensated=None)}}.items():
+        report = prune(copy.deepcopy(model), X, 0.5, importance=EvenUnitsFirst(), **kwargs)
+        counts[label] = report.groups[0].merged
+    assert counts == {"no data": 16, "compensated": 0, "as without data": 16}
 
 
 def test_calibration_from_a_one_shot_iterator_serves_both_repairs():

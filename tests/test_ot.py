@@ -1,5 +1,7 @@
 """Transport plans: marginals, partial discarding, Sinkhorn vs exact, and failures that are detected."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -73,6 +75,17 @@ def test_sinkhorn_approximates_exact_transport():
     assert torch.allclose(entropic.sum(1), a, atol=1e-5)
     assert (exact * cost).sum() <= (entropic * cost).sum() + 1e-9
     assert (entropic * cost).sum() == pytest.approx((exact * cost).sum().item(), rel=0.1)
+
+
+def test_compensated_means_tighten_the_threshold_of_groups_without_batchnorm():
+    assert OTConfig().resolved(recalibrated=False).max_cost_without_bn == 1.2
+    assert OTConfig().resolved(recalibrated=False, compensated=True).max_cost_without_bn == 0.9
+    assert OTConfig(max_cost_without_bn_compensated=None).resolved(False, compensated=True).max_cost_without_bn == 1.2
+    assert OTConfig(max_cost_without_bn=None).resolved(False, compensated=True).max_cost_without_bn is None
+    paper = OTConfig.paper()
+    assert paper.resolved(True, compensated=True) == replace(paper, solver="emd") == paper
+    with pytest.raises(ValueError, match="max_cost_without_bn_compensated"):
+        OTConfig(max_cost_without_bn_compensated=0.0)
 
 
 def test_auto_solver_is_exact_unless_statistics_are_re_estimated():

