@@ -54,7 +54,8 @@ class IntraFusionCallback(Callback):
         compare_default: also measure plain pruning of the same channels (on a copy) at each event.
         recalibrate_batches: if > 0, re-estimate BatchNorm statistics on that many recent training
             batches after fusion and measure again (reported separately); the default
-            ``OTConfig(solver="auto")`` then takes Sinkhorn plans (see :meth:`OTConfig.resolved`).
+            ``OTConfig(solver="auto")`` then takes Sinkhorn plans (see :meth:`OTConfig.resolved`). BatchNorm
+            only: the mean compensation of ``prune(calibration_data=...)`` is not applied here.
         metric: a torchmetrics metric for the evaluations (default: top-1 multiclass accuracy; the
             number of classes is read from the model's output).
         evaluate: measure the metric around each event (needs validation data).
