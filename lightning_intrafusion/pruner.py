@@ -84,8 +84,9 @@ def prune(
         include / exclude: module-name globs; a group is pruned if one of the layers producing its
             channels matches ``include`` (default: all) and none of its layers matches ``exclude``.
             Groups whose channels are model outputs are never pruned.
-        calibration_data: optional iterable of input batches; BatchNorm statistics are re-estimated on
-            them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
+        calibration_data: optional iterable of input batches (read once if it is a one-shot iterator); the
+            means of removed channels are compensated (``compensate_means``) and BatchNorm statistics are
+            re-estimated on them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
             any data, on inputs distilled from the unpruned model's own BN statistics
             (:func:`~lightning_intrafusion.synthetic.synthesize_inputs` with its defaults; call it yourself
             to choose their number and the optimisation steps). With it, on a model with BatchNorm, the default
@@ -94,7 +95,8 @@ def prune(
             bias on it (the model as it is), then move the mean contribution of each channel that is
             removed without being merged (entirely under ``"default"``) into its consumers' biases
             (:mod:`~lightning_intrafusion.compensation`): where no BatchNorm follows (transformer blocks,
-            classifiers, MLPs), re-estimating statistics cannot recentre the outputs, this does.
+            classifiers, MLPs), re-estimating statistics cannot recentre the outputs, this does. Groups
+            without BatchNorm then merge only closer channels (``OTConfig.max_cost_without_bn_compensated``).
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
