@@ -35,7 +35,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], max_batches:
                 m.reset_running_stats()
                 m.momentum = None  # cumulative moving average = exact mean over the batches
                 m.train()
-            return _run(model, batches, max_batches, "calibration_data")
+            return run_batches(model, batches, max_batches, "calibration_data")
         except BaseException:
             for m, buffers in old.items():
                 for name, value in buffers.items():
@@ -69,8 +69,8 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
     After a data-free pruning step this shows whether re-estimating the statistics
     (:func:`recalibrate_batchnorm`) is worth it."""
     norms = tracking_batchnorms(model)
-    inputs_seen: Dict[str, _Moments] = {name: _Moments() for name in norms}
-    outputs_seen: Dict[str, _Moments] = {name: _Moments() for name in norms}
+    inputs_seen: Dict[str, ChannelMoments] = {name: ChannelMoments() for name in norms}
+    outputs_seen: Dict[str, ChannelMoments] = {name: ChannelMoments() for name in norms}
 
     def record(name: str):
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
@@ -81,7 +81,7 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
     hooks = [m.register_forward_hook(record(name)) for name, m in norms.items()]
     try:
         with preserved_modes(model):
-            _run(model.eval(), batches, max_batches, "batches")
+            run_batches(model.eval(), batches, max_batches, "batches")
     finally:
         for h in hooks:
             h.remove()
@@ -105,7 +105,7 @@ def tracking_batchnorms(model: nn.Module) -> Dict[str, nn.Module]:
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
 
 
-def _run(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], label: str) -> int:
+def run_batches(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], label: str) -> int:
     """Forward passes over at most ``max_batches`` of ``batches``; returns how many ran."""
     used = 0
     for batch in batches:
@@ -118,21 +118,28 @@ def _run(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], l
     return used
 
 
-class _Moments:
-    """Running per-channel sums of a stream of ``(N, C, ...)`` tensors, in double precision."""
+class ChannelMoments:
+    """Running per-channel sums of a stream of tensors whose channels lie along ``dim`` (``(N, C, ...)``
+    by default), in double precision."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int = 1) -> None:
+        self.dim = dim
         self.total: Any = 0.0
         self.squares: Any = 0.0
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+        x = x.detach().double().movedim(self.dim, 0)
+        x = x.reshape(x.shape[0], -1)
         self.total = self.total + x.sum(1)
         self.squares = self.squares + x.pow(2).sum(1)
         self.count += x.shape[1]
 
+    def mean(self) -> torch.Tensor:
+        """Per-channel mean."""
+        return self.total / self.count
+
     def mean_and_variance(self) -> tuple:
         """Per-channel mean and unbiased variance (as BatchNorm's running variance)."""
-        mean = self.total / self.count
+        mean = self.mean()
         return mean, (self.squares - self.count * mean.pow(2)) / (self.count - 1)

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_intrafusion.calibration import _run
+from lightning_intrafusion.calibration import ChannelMoments, run_batches
 from lightning_intrafusion.execution import preserved_modes
 from lightning_intrafusion.fusion import ChannelSlice
 
@@ -28,15 +28,11 @@ def consumer_input_means(model: nn.Module, batches: Iterable[Any], max_batches: 
     convolutions (all but dim 1) and the output projection of ``nn.MultiheadAttention``, which the module
     applies without calling it (its mean input follows from the module's mean output: ``W m = E[y] - b``).
     The model runs in eval mode; modes are restored."""
-    sums: Dict[str, list] = {}
+    moments: Dict[str, ChannelMoments] = {}
 
     def add(key: str, values: Any, dim: int) -> None:
-        if not isinstance(values, Tensor) or values.dim() == 0:
-            return
-        values = values.detach().double().movedim(dim, -1).reshape(-1, values.shape[dim])
-        total = sums.setdefault(key, [0.0, 0])
-        total[0] = total[0] + values.sum(0)
-        total[1] += values.shape[0]
+        if isinstance(values, Tensor) and values.dim() > 0:
+            moments.setdefault(key, ChannelMoments(dim)).add(values)
 
     hooks = []
     attention_outputs: Dict[str, nn.MultiheadAttention] = {}
@@ -53,11 +49,11 @@ def consumer_input_means(model: nn.Module, batches: Iterable[Any], max_batches: 
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: add(key, args[0] if args else None, 1)))
     try:
         with preserved_modes(model):
-            _run(model.eval(), batches, max_batches, "calibration_data")
+            run_batches(model.eval(), batches, max_batches, "calibration_data")
     finally:
         for h in hooks:
             h.remove()
-    means = {key: total / count for key, (total, count) in sums.items() if count}
+    means = {key: m.mean() for key, m in moments.items()}
     for key, module in attention_outputs.items():
         output = means.pop(key[: -len(".weight")] + ".output", None)
         if output is None or key in means:  # never ran, or its projection was called as a layer (and seen)

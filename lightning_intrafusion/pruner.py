@@ -445,15 +445,13 @@ def _prune_groups(
         scores = scores.detach().double().cpu()
         kept = _choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
-        lost = torch.zeros(group.width, dtype=torch.float64)
-        lost[removed] = 1.0
+        transport = None
         if method == "intrafusion":
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
-            lost = (1.0 - transport.sum(0)).clamp_min(0)  # the share of each channel merged nowhere
-            lost[lost < 1e-9] = 0.0
-        shifts = lost_mean_shifts(group.slices, input_means, lost) if input_means else {}
-        if method == "intrafusion":
+        # from the consumer columns as they are before fusion
+        shifts = lost_mean_shifts(group.slices, input_means, _lost_shares(group.width, removed, transport)) if input_means else {}
+        if transport is not None:
             report.merged = _fuse(graph, group, transport, kept, unit, group_config)
         _shift_biases(graph.model, shifts)
         entries.extend(group.removals(removed))
@@ -488,6 +486,18 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, ke
         _correct_following_batchnorms(graph, group, ratios)
     _assign(group, fused)
     return merged
+
+
+def _lost_shares(width: int, removed: Tensor, transport: Optional[Tensor]) -> Tensor:
+    """The share of each channel's contribution that goes nowhere: 1 for every removed channel under plain
+    pruning (``transport`` None); under fusion, what the transport map (kept x all channels) does not send to
+    a kept channel."""
+    if transport is None:
+        lost = torch.zeros(width, dtype=torch.float64)
+        lost[removed] = 1.0
+        return lost
+    lost = (1.0 - transport.sum(0)).clamp_min(0)
+    return torch.where(lost < 1e-9, torch.zeros_like(lost), lost)
 
 
 def _shift_biases(model: nn.Module, shifts: Mapping[str, Tensor]) -> None:
