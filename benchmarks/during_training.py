@@ -1,10 +1,14 @@
 """Prune while training on digits with IntraFusionCallback: 0 -> 70% over 4 events, from scratch,
 with the default (cubic, AGP) schedule and with a linear one.
 
-    python benchmarks/during_training.py            # 5 seeds
+    python benchmarks/during_training.py                       # SmallVGG, 5 seeds
+    python benchmarks/during_training.py --arch transformer    # nn.MultiheadAttention transformer (heads, MLP)
     python benchmarks/during_training.py --seeds 1
 
-Runs (per seed, same data): dense; Intra-Fusion; default pruning; Intra-Fusion + BN re-estimation.
+Runs (per seed, same data): dense; Intra-Fusion; default pruning; with 8 recent training batches as
+calibration data (``recalibrate_batches=8``): on the VGG, Intra-Fusion with BN statistics re-estimated, without
+and with the means of removed channels compensated (``compensate_means=True``); on the transformer (no BN),
+Intra-Fusion and default pruning with means compensated.
 Prints accuracy right after each event and final accuracy (means over seeds), params/MACs and the
 time the callback added.
 """
@@ -24,16 +28,22 @@ from torch.nn import functional as F
 
 from lightning_intrafusion import IntraFusionCallback, count_macs_and_params
 from lightning_intrafusion.datasets import DigitsDataModule
-from lightning_intrafusion.models import SmallVGG
+from lightning_intrafusion.models import SmallTransformer, SmallVGG
 
 EPOCHS = 14
 EVENTS = dict(start=2, end=8, every=2)  # 4 events: epochs 2, 4, 6, 8
+ARCHS = {  # network, optimizer, what the callback prunes
+    "vgg": (lambda: SmallVGG(width=32), "sgd", {}),
+    "transformer": (lambda: SmallTransformer(dim=64, heads=4, mlp=128, attention="torch"), "adamw",
+                    {"include": ["*.attn", "*.fc1"]}),
+}
+ARCH = "vgg"
 
 
 class Lit(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = SmallVGG(width=32)
+        self.net = ARCHS[ARCH][0]()
 
     def forward(self, x):
         return self.net(x)
@@ -47,7 +57,10 @@ class Lit(pl.LightningModule):
         self.log("val_acc", (self(x).argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
-        opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        if ARCHS[ARCH][1] == "adamw":
+            opt = torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=1e-4)
+        else:
+            opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(opt, EPOCHS)}
 
 
@@ -104,13 +117,20 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5, help="training runs (seeds) per configuration")
+    parser.add_argument("--arch", choices=sorted(ARCHS), default="vgg")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the step-time measurement")
     args = parser.parse_args()
+    global ARCH
+    ARCH = args.arch
+    scope = ARCHS[ARCH][2]
+    net = {"vgg": "SmallVGG(width=32), SGD", "transformer": "SmallTransformer(dim=64, heads=4, mlp=128, "
+           "nn.MultiheadAttention), AdamW; heads and MLP neurons pruned"}[ARCH]
     seeds = range(args.seeds)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)  # one table, not a log per fit
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"command: python benchmarks/during_training.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; SmallVGG(width=32) on digits, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {net} on digits, "
           f"{EPOCHS} epochs, events at epochs 2,4,6,8, target 70%; accuracies are means over {args.seeds} seeds\n")
     dense = [run(None, seed) for seed in seeds]
     print(f"dense: final acc {mean([d[0] for d in dense]):.1f}, params {dense[0][1]:,}, MACs {dense[0][2]:,}\n")
@@ -118,9 +138,15 @@ def main() -> None:
         configs = {
             "intra-fusion": dict(),
             "default": dict(method="default"),
-            "intra-fusion + BN recal": dict(compare_default=False, recalibrate_batches=8),
         }
-        results = {name: [run(IntraFusionCallback(0.7, schedule=schedule, verbose=False, **EVENTS, **kw), seed)
+        calibrated = dict(recalibrate_batches=8, compare_default=False)
+        if ARCH == "vgg":
+            configs["intra-fusion + BN re-estimation"] = calibrated
+            configs["intra-fusion + BN re-estimation + mean compensation"] = dict(calibrated, compensate_means=True)
+        else:  # no BN statistics to re-estimate: calibration data only compensate means
+            configs["intra-fusion + mean compensation"] = dict(calibrated, compensate_means=True)
+            configs["default + mean compensation"] = dict(calibrated, method="default", compensate_means=True)
+        results = {name: [run(IntraFusionCallback(0.7, schedule=schedule, verbose=False, **EVENTS, **scope, **kw), seed)
                           for seed in seeds] for name, kw in configs.items()}
         sparsities = " / ".join(f"{100 * r['achieved_sparsity']:.0f}%" for r in results["default"][0][5].records)
         print(f"schedule {schedule} (sparsity after each event: {sparsities})\n")
@@ -128,7 +154,7 @@ def main() -> None:
         print("|---|---|---|---|---|---|")
         after = {}
         for name, runs in results.items():
-            key = "acc_post_recalibrated" if "recal" in name else "acc_post"
+            key = "acc_post_recalibrated" if "+" in name else "acc_post"
             after[name] = [mean([100 * r[5].records[e][key] for r in runs]) for e in range(4)]
             spent = mean([sum(rec["seconds"] for rec in r[5].records) for r in runs])  # includes the comparisons
             print(f"| {name} | {' / '.join(f'{a:.1f}' for a in after[name])} | {mean([r[0] for r in runs]):.1f} | "
@@ -141,7 +167,8 @@ def main() -> None:
             wins = sum(a > b for a, b in zip(after["intra-fusion"], after[rival]))
             print(f"\nintra-fusion above {label} right after {wins}/4 events")
         print()
-    overhead()
+    if not args.no_overhead:
+        overhead()
 
 
 def overhead(repeats: int = 21, epochs: int = 4) -> None:

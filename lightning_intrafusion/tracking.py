@@ -116,7 +116,7 @@ class PruningTracker:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         sparsity = [100 * r["sparsity"] for r in self.rows]
         labels = {"acc_pre": "before event", "acc_post": "after fusion (data-free)",
-                  "acc_post_default": "plain pruning", "acc_post_recalibrated": "after fusion + BN recal"}
+                  "acc_post_default": "plain pruning", "acc_post_recalibrated": "after fusion + calibration"}
         for key, label in labels.items():
             points = [(s, 100 * r[key]) for s, r in zip(sparsity, self.rows) if key in r]
             if points:

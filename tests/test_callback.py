@@ -1,11 +1,13 @@
 """IntraFusionCallback in real Trainer fits on digits."""
 
+import copy
+
 import pytest
 import lightning.pytorch as pl
 import torch
 
 from lit import LitClassifier
-from lightning_intrafusion import IntraFusionCallback, OTConfig, restore_pruned
+from lightning_intrafusion import IntraFusionCallback, OTConfig, prune, restore_pruned
 from lightning_intrafusion.datasets import DigitsDataModule
 
 
@@ -170,13 +172,55 @@ def test_bad_configuration_fails_at_construction(kwargs, match):
         IntraFusionCallback(**kwargs)
 
 
-def test_solver_follows_whether_statistics_are_re_estimated():
-    assert IntraFusionCallback(0.5).settings()["ot_config"]["solver"] == "emd"
-    assert IntraFusionCallback(0.5, recalibrate_batches=4).settings()["ot_config"]["solver"] == "sinkhorn"
+def test_ot_config_is_kept_as_given_and_resolved_by_each_step():
+    assert IntraFusionCallback(0.5, recalibrate_batches=4).settings()["ot_config"]["solver"] == "auto"
     explicit = IntraFusionCallback(0.5, recalibrate_batches=4, ot_config=OTConfig(solver="emd"))
     assert explicit.prune_kwargs["ot_config"].solver == "emd"
     with pytest.raises(TypeError, match="ot_config"):
         IntraFusionCallback(0.5, ot_config={"solver": "emd"})
+
+
+@pytest.mark.parametrize("compensate", [True, False])
+def test_recalibrated_event_is_prune_with_recent_batches_as_calibration_data(tmp_path, compensate):
+    """With recalibrate_batches the event is ``prune(calibration_data=recent batches)`` (with
+    compensate_means, the means of removed neurons and heads stay in the biases); acc_post is the same
+    step without data."""
+    pl.seed_everything(0)
+    model = LitClassifier(arch="transformer", optimizer="adam", lr=3e-3, scheduler=False)
+    scope = dict(include=["*.attn", "*.fc1"])
+    seen = {}
+
+    class Spy(IntraFusionCallback):
+        def _fire(self, trainer, pl_module, inputs):
+            seen.update(before=copy.deepcopy(pl_module.net), batches=list(self._recent), example=inputs[:2])
+            super()._fire(trainer, pl_module, inputs)
+            seen["after"] = copy.deepcopy(pl_module.net)
+
+    cb = Spy(target_sparsity=0.5, epochs=[1], recalibrate_batches=3, compensate_means=compensate, **scope)
+    dm = DigitsDataModule()
+    _trainer(tmp_path, [cb], max_epochs=2).fit(model, datamodule=dm)
+    assert len(seen["batches"]) == 3
+
+    with_data = copy.deepcopy(seen["before"])
+    prune(with_data, seen["example"], 0.5, calibration_data=seen["batches"], compensate_means=compensate, **scope)
+    after = seen["after"].state_dict()
+    assert with_data.state_dict().keys() == after.keys()
+    assert all(torch.equal(t, after[k]) for k, t in with_data.state_dict().items())
+
+    data_free = copy.deepcopy(seen["before"])
+    prune(data_free, seen["example"], 0.5, **scope)
+    biases = [k for k in after if k.endswith(("fc2.bias", "out_proj.bias"))]
+    assert biases and any(not torch.equal(data_free.state_dict()[k], after[k]) for k in biases) == compensate
+
+    @torch.no_grad()
+    def accuracy(net):
+        net.eval()
+        pairs = [(net(x).argmax(1) == y).float() for x, y in dm.val_dataloader()]
+        return torch.cat(pairs).mean().item()
+
+    record = cb.records[0]
+    assert record["acc_post"] == pytest.approx(accuracy(data_free), abs=1e-6)
+    assert record["acc_post_recalibrated"] == pytest.approx(accuracy(with_data), abs=1e-6)
 
 
 def test_bad_configuration_fails_before_training(tmp_path):
