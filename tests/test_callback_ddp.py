@@ -5,11 +5,16 @@ import re
 import subprocess
 import sys
 
+import pytest
 
-def test_ddp_two_processes_prune_identically(tmp_path):
+
+@pytest.mark.parametrize("mode", ["data-free", "calibrate"])
+def test_ddp_two_processes_prune_identically(tmp_path, mode):
+    """With calibration data every rank repairs the model on its own batches (BN statistics, bias shifts)."""
     script = os.path.join(os.path.dirname(__file__), "ddp_fit.py")
     env = dict(os.environ, PL_DISABLE_FORK="1")
-    out = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run([sys.executable, script, str(tmp_path), mode], capture_output=True, text=True, timeout=300,
+                         env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     # both ranks share stdout, so their lines may interleave
     ranks = re.findall(r"RANK (\d) OK params=(\d+) fired=(\d+)", out.stdout)
