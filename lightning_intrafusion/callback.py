@@ -138,8 +138,8 @@ class IntraFusionCallback(Callback):
                 "sparsities": list(self.sparsities), "method": self.method,
                 "importance": str(self.prune_kwargs["importance"]), "ot_config": ot.to_dict(),
                 "include": self.prune_kwargs["include"], "exclude": self.prune_kwargs["exclude"],
-                "on_unsupported": self.prune_kwargs["on_unsupported"], "compare_default": self.compare_default, "recalibrate_batches": self.recalibrate_batches,
-                "compensate_means": self.compensate_means}
+                "on_unsupported": self.prune_kwargs["on_unsupported"], "compare_default": self.compare_default,
+                "recalibrate_batches": self.recalibrate_batches, "compensate_means": self.compensate_means}
 
     @staticmethod
     def _event_points(start: int, end: Optional[int], every: int, epochs: Optional[Sequence[int]]) -> List[int]:
