@@ -5,7 +5,7 @@ Forward passes only; no weight is trained."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -78,13 +78,8 @@ def batchnorm_drift(model: nn.Module, batches: Iterable[Any], max_batches: Optio
             outputs_seen[name].add(output)
         return hook
 
-    hooks = [m.register_forward_hook(record(name)) for name, m in norms.items()]
-    try:
-        with preserved_modes(model):
-            run_batches(model.eval(), batches, max_batches, "batches")
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_batches(model, batches, max_batches, "batches",
+                    [m.register_forward_hook(record(name)) for name, m in norms.items()])
     drift = {}
     for name, m in norms.items():
         if inputs_seen[name].count < 2:
@@ -116,6 +111,18 @@ def run_batches(model: nn.Module, batches: Iterable[Any], max_batches: Optional[
     if used == 0:
         raise ValueError(f"{label} yielded no batch")
     return used
+
+
+def observe_batches(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int], label: str,
+                    hooks: Sequence[Any]) -> int:
+    """:func:`run_batches` in eval mode for the hooks behind the ``hooks`` handles (there to observe the
+    passes): they are removed and every module's mode is restored afterwards, whatever happens."""
+    try:
+        with preserved_modes(model):
+            return run_batches(model.eval(), batches, max_batches, label)
+    finally:
+        for handle in hooks:
+            handle.remove()
 
 
 class ChannelMoments:

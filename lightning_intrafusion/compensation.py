@@ -16,8 +16,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_intrafusion.calibration import ChannelMoments, run_batches
-from lightning_intrafusion.execution import preserved_modes
+from lightning_intrafusion.calibration import ChannelMoments, observe_batches
 from lightning_intrafusion.fusion import ChannelSlice
 
 
@@ -47,12 +46,7 @@ def consumer_input_means(model: nn.Module, batches: Iterable[Any], max_batches: 
         elif (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
               and module.bias is not None):
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: add(key, args[0] if args else None, 1)))
-    try:
-        with preserved_modes(model):
-            run_batches(model.eval(), batches, max_batches, "calibration_data")
-    finally:
-        for h in hooks:
-            h.remove()
+    observe_batches(model, batches, max_batches, "calibration_data", hooks)
     means = {key: m.mean() for key, m in moments.items()}
     for key, module in attention_outputs.items():
         output = means.pop(key[: -len(".weight")] + ".output", None)
