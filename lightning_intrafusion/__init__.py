@@ -5,6 +5,7 @@ from lightning_intrafusion.calibration import BatchNormDrift, batchnorm_drift, r
 from lightning_intrafusion.callback import IntraFusionCallback
 from lightning_intrafusion.checkpoint import prune_checkpoint, restore_pruned
 from lightning_intrafusion.cost import count_macs_and_params
+from lightning_intrafusion.forward_check import ForwardBrokenError
 from lightning_intrafusion.graph import UnsupportedModelError
 from lightning_intrafusion.ot import OTConfig, TransportError
 from lightning_intrafusion.pruner import prune
@@ -39,6 +40,7 @@ __all__ = [
     "PruneReport",
     "TransportError",
     "UnsupportedModelError",
+    "ForwardBrokenError",
     "count_macs_and_params",
     "prune",
     "BatchNormDrift",

@@ -1,6 +1,10 @@
 """One structured pruning step: choose the kept channels of every group, merge the others into them
 (Intra-Fusion) or drop them (default), and commit the new shapes atomically.
 
+The step's parts live in their own modules: which groups and channels (:mod:`~lightning_intrafusion.selection`),
+transport plans (:mod:`~lightning_intrafusion.ot`), new tensors of a group (:mod:`~lightning_intrafusion.fusion`),
+the removal (:mod:`~lightning_intrafusion.surgery`), the check that the result still runs
+(:mod:`~lightning_intrafusion.forward_check`) and the rollback (:mod:`~lightning_intrafusion.snapshot`).
 Knows Torch-Pruning (through :mod:`lightning_intrafusion.graph`); knows nothing of Lightning.
 """
 
@@ -10,19 +14,18 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm, tracking_batchnorms
 from lightning_intrafusion.compensation import consumer_input_means, lost_mean_shifts
 from lightning_intrafusion.cost import count_macs_and_params
-from lightning_intrafusion.execution import eager, eval_forward
+from lightning_intrafusion.execution import eager
+from lightning_intrafusion.forward_check import ForwardBrokenError, Signature, check_still_runs, forward_signature
 from lightning_intrafusion.fusion import (
     channel_correlation,
     channel_features,
@@ -32,18 +35,11 @@ from lightning_intrafusion.fusion import (
     merge_matrices,
     output_variance_ratios,
 )
-from lightning_intrafusion.graph import (
-    PrunableGroup,
-    UnsupportedModelError,
-    build_graph,
-    channel_mapping_holds,
-    following_batchnorm,
-    iter_groups,
-    matches,
-)
+from lightning_intrafusion.graph import PrunableGroup, build_graph, following_batchnorm
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport
+from lightning_intrafusion.selection import block_size, check_reordered_channels, choose_kept, kept_width, select_groups
 from lightning_intrafusion.snapshot import ModelSnapshot
 from lightning_intrafusion.surgery import Removal, apply_removals, complement, head_count_removals, merge_removals
 from lightning_intrafusion.synthetic import synthesize_inputs
@@ -129,7 +125,7 @@ def prune(
     # layers and the recorded names are those of the uncompiled model (what replay_history rebuilds)
     with eager(model) as model:
         start = time.perf_counter()
-        output_before = _forward_signature(model, example_inputs)
+        output_before = forward_signature(model, example_inputs)
         macs_before, params_before = count_macs_and_params(model, example_inputs)
         log = _progress if verbose else _silent
         step = _Step(example_inputs, output_before, sparsity, method, scorer, ot_config, include, exclude,
@@ -187,22 +183,13 @@ def _silent(message: str) -> None:
     pass
 
 
-class ForwardBrokenError(RuntimeError):
-    """The pruned model no longer runs on the example inputs (the step is rolled back); ``reason`` is the
-    forward's own error."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 @dataclass
 class _Step:
     """One pruning step's settings; :meth:`run` decides, fuses and removes on a model (no rollback: the
     caller holds the snapshot)."""
 
     example_inputs: Any
-    output_before: "_Signature"
+    output_before: "Signature"
     sparsity: float
     method: str
     scorer: Any
@@ -219,8 +206,8 @@ class _Step:
     def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
         self.log("tracing the model and building its dependency graph")
         graph = build_graph(model, self.example_inputs)
-        selected, skipped = _select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported)
-        selected = _check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
+        selected, skipped = select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported)
+        selected = check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
         return graph, selected, skipped
 
     def run(self, model: nn.Module, leave_out: Optional[Mapping[str, str]] = None, only: Optional[str] = None
@@ -234,7 +221,7 @@ class _Step:
             _accumulate_gradients(model, self.gradient_fn)
         group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
                                                 self.reference_widths, self.channel_blocks, self.log, self.input_means)
-        _check_still_runs(model, self.example_inputs, self.output_before)
+        check_still_runs(model, self.example_inputs, self.output_before)
         return group_reports, removals, skipped
 
     def groups_breaking_the_forward(self, model: nn.Module) -> Dict[str, str]:
@@ -267,149 +254,6 @@ def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, i
             raise TypeError(f"{label} must be a list of module-name globs, got {globs!r}")
 
 
-class _Signature(NamedTuple):
-    """What pruning must not change about a forward pass: the output shapes, and the shape of every
-    attention computation but its head count (see :class:`_AttentionCalls`)."""
-
-    outputs: List[Tuple[int, ...]]
-    attention: List[Tuple[Any, ...]]
-
-
-class _AttentionCalls(TorchFunctionMode):
-    """Records every ``scaled_dot_product_attention`` call as (batch dims, query tokens, key tokens, head
-    size), and every matrix product of two activations of 4 or more dims (attention written out:
-    ``q @ k.transpose(-2, -1)``, ``weights @ v``) as both operands' shapes without the head dim (-3)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: List[Tuple[Any, ...]] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is F.scaled_dot_product_attention:
-            query, key = (list(args) + [kwargs.get("query"), kwargs.get("key")][len(args):])[:2]
-            if isinstance(query, Tensor) and isinstance(key, Tensor) and query.dim() >= 3:
-                self.shapes.append(("attention", tuple(query.shape[:-3]), int(query.shape[-2]), int(key.shape[-2]),
-                                    int(query.shape[-1])))
-        elif getattr(func, "__name__", "") in ("matmul", "__matmul__") and len(args) == 2 and all(
-                isinstance(a, Tensor) and not isinstance(a, nn.Parameter) and a.dim() >= 4 for a in args):
-            a, b = args
-            self.shapes.append(("product", tuple(a.shape[:-3]) + tuple(a.shape[-2:]), tuple(b.shape[-2:])))
-        return func(*args, **kwargs)
-
-
-def _forward_signature(model: nn.Module, example_inputs: Any) -> _Signature:
-    calls = _AttentionCalls()
-    try:
-        with calls:
-            out = eval_forward(model, example_inputs)
-    except Exception as err:
-        raise ValueError(f"the model could not be run on example_inputs ({type(err).__name__}: {err})") from err
-    return _Signature([tuple(t.shape) for t in _tensors(out)], calls.shapes)
-
-
-def _check_still_runs(model: nn.Module, example_inputs: Any, before: _Signature) -> None:
-    advice = ("The step was rolled back; leave those layers out with exclude=[...] or include=[...], or pass "
-              "on_unsupported='skip' to find and leave out the groups concerned")
-    try:
-        after = _forward_signature(model, example_inputs)
-    except ValueError as err:
-        raise ForwardBrokenError(
-            f"the pruned model no longer runs ({err.__cause__}); its forward depends on a layer width that "
-            f"the dependency graph does not show (e.g. a reshape to a fixed number of heads). {advice}",
-            reason=f"{type(err.__cause__).__name__}: {err.__cause__}",
-        ) from err
-    # pruning never changes how many calls there are, except where a layer is swapped for one that calls
-    # the function itself (nn.MultiheadAttention's fused path -> PrunableMultiheadAttention): compare call by call
-    same_calls = len(after.attention) == len(before.attention)
-    changed = next(((b, a) for b, a in zip(before.attention, after.attention) if a != b), None) if same_calls else None
-    if changed is not None:
-        detail = f"an attention computation had the shape (all but the head count) {changed[0]} before and {changed[1]} after"
-        raise ForwardBrokenError(
-            f"the pruned model still runs but attends differently ({detail}): its forward reshapes the "
-            f"projections with a head count or head size that pruning did not update (an attribute of the "
-            f"layer the dependency graph does not show), which would regroup tokens silently. {advice}",
-            reason=f"attention regrouped: {detail}",
-        )
-    if after.outputs != before.outputs:
-        raise RuntimeError("pruning changed the model's output shape; the step was rolled back")
-
-
-def _tensors(obj: Any) -> List[Tensor]:
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, (tuple, list)):
-        return [t for v in obj for t in _tensors(v)]
-    if hasattr(obj, "to_tuple"):  # Hugging Face ModelOutput
-        return _tensors(obj.to_tuple())
-    return []
-
-
-def _select_groups(
-    graph: tp.DependencyGraph, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
-    channel_blocks: Mapping[str, int], on_unsupported: str = "raise",
-) -> Tuple[List[PrunableGroup], Dict[str, str]]:
-    """Names of the groups to prune (validated, before anything is modified) and why others are not."""
-    selected: List[PrunableGroup] = []
-    skipped: Dict[str, str] = {}
-    used = {g: False for g in list(include or []) + list(exclude or []) + list(channel_blocks)}
-    for group in iter_groups(graph):
-        for pattern in used:
-            if any(matches(name, [pattern]) for name in group.members):
-                used[pattern] = True
-        if group.protected:
-            skipped[group.root_name] = group.protected
-            continue
-        if include is not None and not any(matches(p, include) for p in group.producers):
-            skipped[group.root_name] = "not matched by include"
-            continue
-        if exclude and any(matches(m, exclude) for m in group.members):
-            skipped[group.root_name] = "matched by exclude"
-            continue
-        if group.hidden_heads and not any(matches(p, [g]) for g in channel_blocks for p in group.producers):
-            _refuse(group, "its channels meet in a matrix product of activations (attention written with explicit "
-                           "matmuls?), whose head size the graph cannot see", on_unsupported, skipped,
-                    advice=f"Pass channel_blocks={{{(group.producers or [group.root_name])[0]!r}: head_dim}} to prune "
-                           "whole heads, or leave it out with exclude=[...]")
-            continue
-        if group.unsupported:
-            _refuse(group, group.unsupported, on_unsupported, skipped)
-            continue
-        selected.append(group)
-    unused = [p for p, hit in used.items() if not hit]
-    if unused:
-        kinds = sorted({type(m).__name__ for n, m in graph.model.named_modules() if n and matches(n, unused)})
-        hint = f" (they match only modules of type {', '.join(kinds)}, none of them a prunable layer)" if kinds else ""
-        raise ValueError(f"module-name globs matched no prunable layer: {unused}{hint}")
-    return selected, skipped
-
-
-def _check_reordered_channels(model: nn.Module, example_inputs: Any, groups: Sequence[PrunableGroup],
-                              on_unsupported: str, skipped: Dict[str, str]) -> List[PrunableGroup]:
-    """Groups whose channels are reshaped and transposed (outside attention) are probed before anything
-    is changed: the graph does not follow a channel permutation such as a ShuffleNet shuffle. Returns
-    the groups that may be pruned."""
-    kept = []
-    for group in groups:
-        if group.reordered and not channel_mapping_holds(model, example_inputs, group):
-            _refuse(group, "its channels are reshaped and their order changed on the way to the next layer (a "
-                           "channel shuffle?), which the dependency graph does not follow", on_unsupported, skipped)
-        else:
-            kept.append(group)
-    return kept
-
-
-def _refuse(group: PrunableGroup, reason: str, on_unsupported: str, skipped: Dict[str, str],
-            advice: str = "Leave it out with exclude=[...] (module-name globs)") -> None:
-    """Raise :class:`UnsupportedModelError` for a group that cannot be pruned exactly, or (``"skip"``)
-    record it in ``skipped``."""
-    if on_unsupported == "raise":
-        raise UnsupportedModelError(f"cannot prune the channel group of {group.root_name!r}: {reason}. {advice}.")
-    skipped[group.root_name] = UNSUPPORTED + reason
-
-
 def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], Tensor]) -> None:
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
@@ -432,8 +276,8 @@ def _prune_groups(
     for number, group in enumerate(groups, 1):
         started = time.perf_counter()
         group.refresh()
-        unit = _block_size(group, channel_blocks)
-        keep = _kept_width(group, sparsity, reference_widths.get(group.root_name), unit)
+        unit = block_size(group, channel_blocks)
+        keep = kept_width(group, sparsity, reference_widths.get(group.root_name), unit)
         report = GroupReport(group.root_name, group.width, keep, members=list(group.members))
         reports.append(report)
         if keep >= group.width:
@@ -443,7 +287,7 @@ def _prune_groups(
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()
-        kept = _choose_kept(scores, keep, group.blocks, unit)
+        kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
         if method == "intrafusion":
@@ -506,42 +350,6 @@ def _shift_biases(model: nn.Module, shifts: Mapping[str, Tensor]) -> None:
     for key, shift in shifts.items():
         bias = model.get_parameter(key[: -len("weight")] + "bias")
         bias.data = bias.data + shift.to(device=bias.device, dtype=bias.dtype)
-
-
-def _block_size(group: PrunableGroup, channel_blocks: Mapping[str, int]) -> int:
-    sizes = {int(size) for pattern, size in channel_blocks.items() if any(matches(p, [pattern]) for p in group.producers)}
-    if len(sizes) > 1:
-        raise ValueError(f"conflicting channel_blocks sizes {sorted(sizes)} for group {group.root_name!r}")
-    unit = sizes.pop() if sizes else group.unit
-    if unit % group.unit:
-        raise ValueError(f"channel_blocks size {unit} of group {group.root_name!r} is not a multiple of its "
-                         f"head size {group.unit}")
-    if unit < 1 or group.width % unit:
-        raise ValueError(f"channel_blocks size {unit} does not divide the width {group.width} of group {group.root_name!r}")
-    return unit
-
-
-def _kept_width(group: PrunableGroup, sparsity: float, reference: Optional[int], unit: int) -> int:
-    """Channels to keep: ``round((1 - sparsity) * reference)``, at least one per norm block and unit,
-    a multiple of both, never more than now."""
-    step = group.blocks * unit
-    base = group.width if reference is None else int(reference)
-    keep = int(round((1.0 - sparsity) * base / step)) * step
-    return min(group.width, max(step, keep))
-
-
-def _choose_kept(scores: Tensor, keep: int, blocks: int, unit: int) -> Tensor:
-    """Indices (in units) of the kept units: the top scores, equally many in each norm block."""
-    unit_scores = scores.reshape(-1, unit).sum(1)
-    per_block = len(unit_scores) // blocks
-    keep_units = keep // unit // blocks
-    kept = []
-    for b in range(blocks):
-        block = unit_scores[b * per_block:(b + 1) * per_block]
-        # stable sort: ties resolve to the lower index, so the choice is deterministic
-        order = torch.sort(-block, stable=True).indices[:keep_units]
-        kept.append(torch.sort(order).values + b * per_block)
-    return torch.cat(kept)
 
 
 def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:

@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import HeadCountAttention, assert_same_state, state
 from lightning_intrafusion import prune
-from lightning_intrafusion.pruner import ForwardBrokenError
+from lightning_intrafusion import ForwardBrokenError
 from lightning_intrafusion.surgery import replay_history
 
 
@@ -86,7 +86,7 @@ def test_a_failed_step_puts_the_head_count_back(monkeypatch):
         assert model.attn.num_heads == 2  # the removal did happen
         raise RuntimeError("injected failure after the removals")
 
-    monkeypatch.setattr(pruner, "_check_still_runs", fail)
+    monkeypatch.setattr(pruner, "check_still_runs", fail)
     with pytest.raises(RuntimeError, match="injected"):
         prune(model, x, 0.5, include=["attn.q_proj"])
     assert model.attn.num_heads == 4
