@@ -1,7 +1,9 @@
 """The model's channel-dependency graph (Torch-Pruning), seen as plain tensors.
 
-Turns each Torch-Pruning dependency group into :class:`~lightning_intrafusion.fusion.ChannelSlice`
-objects (which tensor holds which channel, producer or consumer side) and decides which groups
+Turns each Torch-Pruning dependency group into a :class:`~lightning_intrafusion.group.PrunableGroup` of
+:class:`~lightning_intrafusion.fusion.ChannelSlice` objects (which tensor holds which channel, producer or
+consumer side), adds the groups of layers recognised by their attributes
+(:mod:`~lightning_intrafusion.recognised_layers`: attention heads, packed MLPs), and decides which groups
 may be pruned: outputs are protected, unsupported layers are refused with a clear error.
 """
 
@@ -12,78 +14,26 @@ import math
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch_pruning as tp
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_intrafusion import grouped_attention, interleaved_attention, packed_attention, packed_mlp
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
-from lightning_intrafusion.attention import (Layout, PrunableMultiheadAttention, parameter_slot, projection_width,
-                                             section_positions)
+from lightning_intrafusion.attention import PrunableMultiheadAttention
 from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
-from lightning_intrafusion.surgery import (extra_pruners, is_grouped_conv, output_dim, parameter_owner,
-                                           transposed_linear_types)
+from lightning_intrafusion.group import PrunableGroup, is_depthwise
+from lightning_intrafusion.recognised_layers import RECOGNISED, attention_heads, attention_slices
+from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
 
 _OPTYPE = tp.ops.OPTYPE
 
 
 class UnsupportedModelError(ValueError):
     """The model contains a layer or a connection that cannot be pruned exactly."""
-
-
-@dataclass
-class PrunableGroup:
-    """One set of coupled channels, ready for importance, OT and fusion."""
-
-    root_name: str
-    width: int
-    slices: List[ChannelSlice]
-    folds: List[BatchNormFold]
-    producers: List[str]
-    members: List[str]
-    blocks: int = 1
-    unit: int = 1  # channels that are only kept or removed together (the head size of attention heads)
-    head_size: int = 0  # one head's channels where a unit holds several heads (grouped key/value heads)
-    hidden_heads: bool = False  # channels meet in a batched matmul of activations: heads of unseen size
-    # channels are reshaped and their dims transposed outside attention: the graph may not follow a
-    # channel permutation (a ShuffleNet channel shuffle), so the mapping is checked by a probe
-    reordered: bool = False
-    protected: Optional[str] = None  # why the group must not be pruned, if it must not
-    unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
-    targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
-    # (layer, "out" | "in", positions), or (parameter name, "dim<d>", positions) for a bare parameter
-    layers: List[Tuple[Any, str, torch.Tensor]] = field(default_factory=list, repr=False)
-    tp_group: Any = field(default=None, repr=False)
-    root_module: Optional[nn.Module] = field(default=None, repr=False)
-    root_handler: Any = field(default=None, repr=False)
-
-    @property
-    def depthwise(self) -> bool:
-        """Whether a depthwise convolution computes the channels from themselves (MobileNet-style
-        expansion -> depthwise chains: each channel passes two nonlinear stages)."""
-        return any(_is_depthwise(layer) for layer, _, _ in self.layers)
-
-    @property
-    def scored_by_torch_pruning(self) -> bool:
-        """Whether Torch-Pruning's importance criteria can score the group (they know neither the heads
-        of ``nn.MultiheadAttention``, which have no Torch-Pruning group, nor Hugging Face's ``Conv1D``)."""
-        kinds = transposed_linear_types()
-        return self.tp_group is not None and not any(isinstance(layer, kinds) for layer, _, _ in self.layers)
-
-    def refresh(self) -> None:
-        """Point every slice at its tensor's current value (after another group was fused)."""
-        for s in self.slices:
-            module, attr = self.targets[s.key]
-            s.tensor = getattr(module, attr)
-
-    def removals(self, removed: torch.Tensor) -> List[Tuple[Any, str, List[int]]]:
-        """(layer, side, indices) that removing the group channels ``removed`` takes."""
-        return [(m, side, pos[removed].reshape(-1).tolist()) for m, side, pos in self.layers]
 
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
@@ -143,7 +93,7 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
     # attention layers and packed MLPs recognised by their attributes: their channels come from the modules
     # below, not from Torch-Pruning's groups of their projections (which it cannot resolve)
-    recognised = [(build, projections, name, module) for recognise, projections, build in _RECOGNISED
+    recognised = [(build, projections, name, module) for recognise, projections, build in RECOGNISED
                   for name, module in graph.model.named_modules()
                   if _traced(graph, getattr(module, projections[0], None)) and recognise(module)]
     own = {getattr(module, p) for _, projections, _, module in recognised for p in projections}
@@ -156,7 +106,7 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
         yield _refuse_unprunable(_describe(graph, tp_group, names), tied)
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-            yield _refuse_unprunable(_attention_heads(name, module), tied)
+            yield _refuse_unprunable(attention_heads(name, module), tied)
     for build, _, name, module in recognised:
         yield _refuse_unprunable(build(name, module), tied)
 
@@ -285,106 +235,6 @@ def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGr
     return group
 
 
-def _attention_heads(name: str, module: nn.MultiheadAttention) -> PrunableGroup:
-    """The projection channels of an attention layer, in units of whole heads: query, key and value
-    rows produce them, the output projection's columns consume them."""
-    width = projection_width(module)
-    slices, targets = [], {}
-    for key, target, made in _attention_slices(name, module, ATTENTION_LAYOUTS["heads"],
-                                               lambda copies: section_positions(width, copies)):
-        slices.append(made)
-        targets[key] = target
-    return PrunableGroup(name, width, slices, [], [name], [name, f"{name}.out_proj"], unit=module.head_dim,
-                         targets=targets, layers=[(module, "heads", section_positions(width, 1))], root_module=module)
-
-
-def _packed_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
-    """The projection channels of a packed-qkv attention layer (GPT-2's ``c_attn``/``c_proj``), in units
-    of whole heads: the three sections of ``c_attn``'s outputs produce them, ``c_proj``'s inputs consume them."""
-    width = module.split_size
-    slices, targets = [], {}
-    for key, target, made in _attention_slices(name, module, packed_attention.layout(module, output_dim),
-                                               lambda copies: section_positions(width, copies)):
-        slices.append(made)
-        targets[key] = target
-    return PrunableGroup(name, width, slices, [], [f"{name}.c_attn"], [name, f"{name}.c_attn", f"{name}.c_proj"],
-                         unit=module.head_dim, targets=targets,
-                         layers=[(module, packed_attention.SIDE, section_positions(width, 1))], root_module=module.c_attn)
-
-
-def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
-    """The query channels of an attention layer with grouped key/value heads, in units of one key/value
-    head and its query heads: the query, key and value projections produce them (every query channel
-    reads the key/value channel it attends with), the output projection's columns consume them."""
-    out_name = grouped_attention.output_projection(module)
-    parts = [("q_proj", "query", "producer"), ("k_proj", "key_value", "producer"),
-             ("v_proj", "key_value", "producer"), (out_name, "query", "consumer")]
-    group = _linear_layers_group(name, module, parts, grouped_attention.positions(module), grouped_attention.unit(module))
-    group.head_size = module.head_dim
-    return group
-
-
-def _interleaved_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
-    """The projection channels of an attention layer whose heads' query, key and value rows lie together
-    in one projection (GPT-NeoX), in units of whole heads: those rows produce them, ``dense`` consumes them."""
-    parts = [("query_key_value", "query_key_value", "producer"), ("dense", "dense", "consumer")]
-    return _linear_layers_group(name, module, parts, interleaved_attention.positions(module), module.head_size)
-
-
-def _packed_mlp_neurons(name: str, module: nn.Module) -> PrunableGroup:
-    """The neurons of a gated MLP with packed gate and up projections: each produced by two rows of
-    ``gate_up_proj`` (its gate and its up row), consumed by a column of ``down_proj``."""
-    parts = [("gate_up_proj", "gate_up_proj", "producer"), ("down_proj", "down_proj", "consumer")]
-    return _linear_layers_group(name, module, parts, packed_mlp.positions(module))
-
-
-# layers recognised by their attributes: (recognise, the projections whose channels they own (the first
-# must have been traced), build the group); groups are listed in this order
-_RECOGNISED: Tuple[Tuple[Callable[[nn.Module], bool], Tuple[str, ...], Callable[[str, nn.Module], PrunableGroup]], ...] = (
-    (packed_attention.is_packed_attention, ("c_attn",), _packed_attention_heads),
-    (grouped_attention.is_grouped_attention, ("q_proj", "k_proj", "v_proj"), _grouped_attention_heads),
-    (interleaved_attention.is_interleaved_attention, ("query_key_value",), _interleaved_attention_heads),
-    (packed_mlp.is_packed_gated_mlp, ("gate_up_proj",), _packed_mlp_neurons),
-)
-
-
-def _linear_layers_group(name: str, module: nn.Module, parts: Sequence[Tuple[str, str, str]],
-                         where: Dict[str, torch.Tensor], unit: int = 1) -> PrunableGroup:
-    """A group of channels that ``nn.Linear`` children of ``module`` produce (output rows and biases) and
-    consume (input columns): ``parts`` lists (child, key of its positions in ``where``, role); the first
-    child is the group's root. Removal is plain layer pruning, replayed like any other."""
-    slices, targets, layers = [], {}, []
-    for layer_name, kind, role in parts:
-        layer = getattr(module, layer_name)
-        for leaf in ("weight", "bias") if role == "producer" else ("weight",):
-            if getattr(layer, leaf, None) is None:
-                continue
-            key = f"{name}.{layer_name}.{leaf}"
-            dim = 1 if role == "consumer" else 0
-            slices.append(ChannelSlice(key, getattr(layer, leaf), dim, where[kind], role, is_feature=leaf == "weight"))
-            targets[key] = (layer, leaf)
-        layers.append((layer, "out" if role == "producer" else "in", where[kind]))
-    producers = [f"{name}.{layer_name}" for layer_name, _, role in parts if role == "producer"]
-    root = getattr(module, parts[0][0])
-    return PrunableGroup(producers[0], len(where[parts[0][1]]), slices, [], producers,
-                         [f"{name}.{layer_name}" for layer_name, _, _ in parts], unit=unit, targets=targets,
-                         layers=layers, root_module=root)
-
-
-def _attention_slices(name: str, module: nn.Module, layout: Layout,
-                      positions: Callable[[int], torch.Tensor]) -> List[Tuple[str, Tuple[nn.Module, str], ChannelSlice]]:
-    """(key, (owner, attribute), slice) of every tensor of an attention layer that ``layout`` places
-    channels in (see :data:`~lightning_intrafusion.attention.LAYOUTS`); ``positions(copies)`` places them."""
-    out = []
-    for attr, (dim, copies, role) in layout.items():
-        owner, leaf = parameter_slot(module, attr)
-        tensor = getattr(owner, leaf, None)
-        if tensor is not None:
-            key = f"{name}.{attr}"
-            out.append((key, (owner, leaf), ChannelSlice(key, tensor, dim, positions(copies), role, attr.endswith("weight"))))
-    return out
-
-
 def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, str]) -> PrunableGroup:
     root_dep = tp_group[0].dep
     root = root_dep.target.module
@@ -443,7 +293,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
                 unsupported = f"{name} is an nn.MultiheadAttention with kdim/vdim != embed_dim"
                 continue
             layers.append((module, "embed", positions))
-            for key, target, made_slice in _attention_slices(name, module, ATTENTION_LAYOUTS["embed"], lambda copies: positions):
+            for key, target, made_slice in attention_slices(name, module, ATTENTION_LAYOUTS["embed"], lambda copies: positions):
                 if key not in targets:
                     slices.append(made_slice)
                     targets[key] = target
@@ -475,7 +325,7 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
         if spec and spec[0][2] == "producer" and isinstance(
                 module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d) + transposed_linear_types()):
             producers.append(name)
-            if "weight" in made and not _is_depthwise(module):
+            if "weight" in made and not is_depthwise(module):
                 producer_weights[node] = (made["weight"], made.get("bias"))
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             bn_items.append((node, made))
@@ -571,15 +421,11 @@ def _has_stats(module: nn.Module) -> bool:
     return isinstance(module, norms) and getattr(module, "running_mean", None) is not None
 
 
-def _is_depthwise(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and module.groups == module.out_channels == module.in_channels
-
-
 def _tensor_specs(module: nn.Module, is_out: bool) -> Optional[List[Tuple[str, int, str, bool]]]:
     """(attribute, channel dim, role, is_feature) for each tensor of ``module`` in the group."""
     if isinstance(module, nn.modules.conv._ConvNd):
         transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-        if _is_depthwise(module) and not transposed:
+        if is_depthwise(module) and not transposed:
             return [("weight", 0, "producer", True), ("bias", 0, "producer", False)]
         if module.groups != 1 and transposed:
             return None

@@ -51,7 +51,7 @@ _NAMED = (tp.importance.GroupMagnitudeImportance, tp.importance.GroupTaylorImpor
 
 
 def score_group(importance: Any, group: Any) -> Any:
-    """One score per channel of a :class:`~lightning_intrafusion.graph.PrunableGroup`: Torch-Pruning's
+    """One score per channel of a :class:`~lightning_intrafusion.group.PrunableGroup`: Torch-Pruning's
     criterion on its Torch-Pruning group where it can score it, the same criterion on the group's weight
     tensors where not; a user object always gets the Torch-Pruning group when there is one."""
     if group.tp_group is not None and (group.scored_by_torch_pruning or not isinstance(importance, _NAMED)):

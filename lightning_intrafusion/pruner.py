@@ -35,7 +35,8 @@ from lightning_intrafusion.fusion import (
     merge_matrices,
     output_variance_ratios,
 )
-from lightning_intrafusion.graph import PrunableGroup, build_graph, following_batchnorm
+from lightning_intrafusion.graph import build_graph, following_batchnorm
+from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
 from lightning_intrafusion.ot import OTConfig
 from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport

@@ -11,7 +11,8 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from lightning_intrafusion.graph import PrunableGroup, UnsupportedModelError, channel_mapping_holds, iter_groups, matches
+from lightning_intrafusion.graph import UnsupportedModelError, channel_mapping_holds, iter_groups, matches
+from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.report import UNSUPPORTED
 
 
