@@ -77,10 +77,6 @@ def main() -> None:
     dense = sum(p.numel() for p in model.parameters())
     trainer.fit(model, datamodule=DigitsDataModule())
 
-    print("\nevent  sparsity  acc before  after fusion  plain pruning  fusion+BN recal  params")
-    for r in pruning.records:
-        print(f"{int(r['event']) + 1:5d}  {r['sparsity']:8.1%}  {r['acc_pre']:10.1%}  {r['acc_post']:12.1%}  "
-              f"{r['acc_post_default']:13.1%}  {r['acc_post_recalibrated']:15.1%}  {int(r['params']):,}")
     final = float(trainer.callback_metrics["val/acc"])
     params = sum(p.numel() for p in model.parameters())
     print(f"final: val accuracy {final:.1%} with {params:,} of {dense:,} parameters ({1 - params / dense:.0%} fewer)")

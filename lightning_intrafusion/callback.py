@@ -182,6 +182,10 @@ class IntraFusionCallback(Callback):
             raise ValueError("IntraFusionCallback(evaluate=True) needs validation data: pass val_dataloaders "
                              "or a datamodule with val_dataloader(), or set evaluate=False")
 
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.verbose and trainer.is_global_zero and self.records:
+            _print(trainer, "[IntraFusion] pruning events:\n" + self.tracker.text_table(self.unit))
+
     # ------------------------------------------------------------------ triggers
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         inputs, _ = self.split(batch)
@@ -230,12 +234,7 @@ class IntraFusionCallback(Callback):
         self.records.append(record)
         self.tracker.publish(trainer, record, report.widths())
         if self.verbose and trainer.is_global_zero:
-            line = self._summary_line(trainer, record, report)
-            bar = trainer.progress_bar_callback
-            if bar is not None and hasattr(bar, "print"):
-                bar.print(line)  # keeps progress bars intact
-            else:
-                rank_zero_info(line)
+            _print(trainer, self._summary_line(trainer, record, report))
 
     def _summary_line(self, trainer: "pl.Trainer", record: Dict[str, float], report: Any) -> str:
         where = f"epoch {trainer.current_epoch}" if self.unit == "epoch" else f"step {trainer.global_step}"
@@ -328,6 +327,14 @@ class IntraFusionCallback(Callback):
         if len(history) > len(self.history):
             replay_history(module, history[len(self.history):])
             self.history = history
+
+
+def _print(trainer: "pl.Trainer", text: str) -> None:
+    bar = trainer.progress_bar_callback
+    if bar is not None and hasattr(bar, "print"):
+        bar.print(text)  # keeps progress bars intact
+    else:
+        rank_zero_info(text)
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -103,6 +103,32 @@ class PruningTracker:
             out["mean_fusion_gain_over_default"] = sum(gains) / len(gains)
         return out
 
+    def text_table(self, unit: str = "epoch") -> str:
+        """The events as a console table: when, sparsity reached, the accuracies measured (those present),
+        parameters, MACs and seconds; then the overall reduction."""
+        if not self.rows:
+            return "no pruning event yet"
+        headers = {"acc_pre": "acc before", "acc_post": "after fusion", "acc_post_default": "plain pruning",
+                   "acc_post_recalibrated": "fusion+calibration"}
+        accuracy = [k for k in ACCURACY_KEYS if any(k in r for r in self.rows)]
+        columns = ["event", unit, "sparsity", *(headers[k] for k in accuracy), "params", "MACs", "seconds"]
+        lines = []
+        for r in self.rows:
+            when = r.get(unit if unit == "epoch" else "step")
+            cells = [str(int(r["event"]) + 1), "" if when is None else str(when), f"{r['achieved_sparsity']:.1%}",
+                     *("" if k not in r else f"{r[k]:.1%}" for k in accuracy),
+                     f"{int(r['params']):,}", f"{int(r['macs']):,}", f"{r['seconds']:.2f}"]
+            lines.append(cells)
+        widths = [max(len(c), *(len(line[i]) for line in lines)) for i, c in enumerate(columns)]
+        text = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+        text += ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines]
+        first, last = self.rows[0], self.rows[-1]
+        if first.get("params_before") and first.get("macs_before"):
+            text.append(f"params {int(first['params_before']):,} -> {int(last['params']):,} "
+                        f"({1 - last['params'] / first['params_before']:.0%} fewer), MACs {int(first['macs_before']):,} -> "
+                        f"{int(last['macs']):,} ({first['macs_before'] / max(last['macs'], 1):.1f}x fewer)")
+        return "\n".join(text)
+
     def table_rows(self) -> List[List[Any]]:
         return [[r.get(c) if c != "widths" else str(r.get("widths")) for c in TABLE_COLUMNS] for r in self.rows]
 

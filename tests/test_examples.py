@@ -47,9 +47,11 @@ def test_cli_example_trains_and_prunes_as_configured_in_its_yaml(tmp_path):
 def test_training_example_prints_its_table_and_writes_the_plot(tmp_path):
     out, _ = _run(tmp_path, os.path.join(EXAMPLES, "train_and_prune.py"), "--epochs", "3", "--events", "1", "2",
                "--target", "0.5", "--save-dir", "runs")
-    table = out[out.index("event  sparsity"):].splitlines()
-    assert [line.split()[0] for line in table[1:3]] == ["1", "2"]
-    assert table[2].split()[1] == "50.0%"
-    assert table[3].startswith("final: val accuracy")
+    table = out[out.index("[IntraFusion] pruning events:"):].splitlines()[1:]  # printed by the callback at fit end
+    assert table[0].split()[:3] == ["event", "epoch", "sparsity"]
+    assert [line.split()[:2] for line in table[1:3]] == [["1", "1"], ["2", "2"]]
+    assert table[2].split()[2] == "50.0%"
+    assert table[3].startswith("params ") and "fewer" in table[3]
+    assert "final: val accuracy" in out
     assert os.path.getsize(tmp_path / "runs" / "csv" / "version_0" / "intrafusion_accuracy_vs_sparsity.png") > 1000
     assert len(_event_rows(str(tmp_path / "runs" / "csv" / "version_0" / "metrics.csv"))) == 2

@@ -88,9 +88,21 @@ def test_csv_logger_gets_the_same_keys_and_a_png(tmp_path):
     assert os.path.getsize(os.path.join(logger.log_dir, "intrafusion_accuracy_vs_sparsity.png")) > 1000
 
 
-def test_no_logger_still_works(tmp_path):
+def test_no_logger_still_works_and_the_console_table_holds_the_records(tmp_path):
     _, cb = _fit(tmp_path, False, epochs=3)
     assert cb.fired == 2
+    lines = cb.tracker.text_table().splitlines()
+    assert lines[0].split() == ["event", "epoch", "sparsity", "acc", "before", "after", "fusion", "plain", "pruning",
+                                "fusion+calibration", "params", "MACs", "seconds"]
+    for line, record in zip(lines[1:3], cb.records):
+        cells = line.split()
+        assert cells[0] == str(int(record["event"]) + 1) and cells[2] == f"{record['achieved_sparsity']:.1%}"
+        assert cells[3:7] == [f"{record[k]:.1%}" for k in ("acc_pre", "acc_post", "acc_post_default", "acc_post_recalibrated")]
+        assert cells[7] == f"{int(record['params']):,}"
+    assert lines[3] == (f"params {int(cb.records[0]['params_before']):,} -> {int(cb.records[-1]['params']):,} "
+                        f"({1 - cb.records[-1]['params'] / cb.records[0]['params_before']:.0%} fewer), MACs "
+                        f"{int(cb.records[0]['macs_before']):,} -> {int(cb.records[-1]['macs']):,} "
+                        f"({cb.records[0]['macs_before'] / cb.records[-1]['macs']:.1f}x fewer)")
 
 
 def test_wandb_without_credentials_falls_back_to_offline(tmp_path, wandb_env, monkeypatch):
