@@ -127,12 +127,15 @@ def observe_batches(model: nn.Module, batches: Iterable[Any], max_batches: Optio
 
 class ChannelMoments:
     """Running per-channel sums of a stream of tensors whose channels lie along ``dim`` (``(N, C, ...)``
-    by default), in double precision."""
+    by default), in double precision; with ``cross=True`` also the sums of products of every channel pair
+    (for :meth:`second_moment`: ``C x C`` memory)."""
 
-    def __init__(self, dim: int = 1) -> None:
+    def __init__(self, dim: int = 1, cross: bool = False) -> None:
         self.dim = dim
+        self.cross = cross
         self.total: Any = 0.0
         self.squares: Any = 0.0
+        self.products: Any = 0.0
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -140,6 +143,8 @@ class ChannelMoments:
         x = x.reshape(x.shape[0], -1)
         self.total = self.total + x.sum(1)
         self.squares = self.squares + x.pow(2).sum(1)
+        if self.cross:
+            self.products = self.products + x @ x.T
         self.count += x.shape[1]
 
     def mean(self) -> torch.Tensor:
@@ -150,3 +155,9 @@ class ChannelMoments:
         """Per-channel mean and unbiased variance (as BatchNorm's running variance)."""
         mean = self.mean()
         return mean, (self.squares - self.count * mean.pow(2)) / (self.count - 1)
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[x x^T]`` over all positions, ``(C, C)`` (needs ``cross=True``)."""
+        if not self.cross:
+            raise RuntimeError("ChannelMoments(cross=False) keeps no products of channel pairs")
+        return self.products / self.count

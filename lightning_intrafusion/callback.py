@@ -23,6 +23,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_intrafusion.checkpoint import HISTORY_KEY
+from lightning_intrafusion.compensation import COMPENSATIONS
 from lightning_intrafusion.evaluation import evaluate, split_batch, to_device
 from lightning_intrafusion.execution import eval_forward
 from lightning_intrafusion.importance import ImportanceLike
@@ -56,11 +57,9 @@ class IntraFusionCallback(Callback):
             step without data, measured on a copy, and ``acc_post_recalibrated`` the model after the step.
             The default ``OTConfig(solver="auto")`` takes Sinkhorn plans on models with BatchNorm
             (see :meth:`OTConfig.resolved`).
-        compensate_means: with ``recalibrate_batches``, also keep the mean contribution of removed channels in
-            their consumers' biases (as ``prune(calibration_data=...)`` does by default). Off by default here:
-            measured during training (``benchmarks/during_training.py``), the means of a model still far from
-            converged are a poor stand-in for what its removed heads computed, and accuracy right after an
-            event fell (transformer, first event: 43.9 vs 51.9 without).
+        compensation: with ``recalibrate_batches``, how the contribution of removed channels is kept, as in
+            :func:`prune`: ``"linear"``, ``"mean"`` or ``"none"`` (default here; ``prune()`` defaults to
+            ``"linear"``). MEASURED-PLACEHOLDER
         metric: a torchmetrics metric for the evaluations (default: top-1 multiclass accuracy; the
             number of classes is read from the model's output).
         evaluate: measure the metric around each event (needs validation data).
@@ -85,7 +84,7 @@ class IntraFusionCallback(Callback):
         on_unsupported: str = "raise",
         compare_default: bool = True,
         recalibrate_batches: int = 0,
-        compensate_means: bool = False,
+        compensation: str = "none",
         metric: Optional[Metric] = None,
         evaluate: bool = True,
         batch_to_inputs: Optional[Callable[[Any], Any]] = None,
@@ -115,7 +114,9 @@ class IntraFusionCallback(Callback):
                                  channel_blocks=channel_blocks, on_unsupported=on_unsupported)
         self.compare_default = compare_default
         self.recalibrate_batches = int(recalibrate_batches)
-        self.compensate_means = bool(compensate_means)
+        if compensation not in COMPENSATIONS:
+            raise ValueError(f"Unknown compensation {compensation!r}; expected one of {list(COMPENSATIONS)}")
+        self.compensation = compensation
         self.metric = metric
         self.evaluate = evaluate
         self.split = batch_to_inputs or split_batch
@@ -139,7 +140,7 @@ class IntraFusionCallback(Callback):
                 "importance": str(self.prune_kwargs["importance"]), "ot_config": ot.to_dict(),
                 "include": self.prune_kwargs["include"], "exclude": self.prune_kwargs["exclude"],
                 "on_unsupported": self.prune_kwargs["on_unsupported"], "compare_default": self.compare_default,
-                "recalibrate_batches": self.recalibrate_batches, "compensate_means": self.compensate_means}
+                "recalibrate_batches": self.recalibrate_batches, "compensation": self.compensation}
 
     @staticmethod
     def _event_points(start: int, end: Optional[int], every: int, epochs: Optional[Sequence[int]]) -> List[int]:
@@ -216,7 +217,7 @@ class IntraFusionCallback(Callback):
         scheduler_states = [cfg.scheduler.state_dict() for cfg in trainer.lr_scheduler_configs]
 
         report = prune(pl_module, example, sparsity, method=self.method, reference_widths=self.reference_widths or None,
-                       calibration_data=calibration, compensate_means=self.compensate_means, **self.prune_kwargs)
+                       calibration_data=calibration, compensation=self.compensation, **self.prune_kwargs)
         if not self.reference_widths:
             self.reference_widths = {g.name: g.width_before for g in report.groups}
         self.history.append(report.removals)

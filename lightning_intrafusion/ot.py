@@ -42,7 +42,8 @@ class OTConfig:
         solver: ``"emd"`` (exact network simplex), ``"sinkhorn"`` (entropic, GPU-friendly) or
             ``"auto"``: exact OT for a data-free step, Sinkhorn when BatchNorm statistics are re-estimated
             after the step (``calibration_data=``, the callback's ``recalibrate_batches``), where its
-            plans measured better in every cell of the benchmark (README); see :meth:`resolved`.
+            plans measured better in every cell of the benchmark (README), except where linear compensation
+            limits merging to near-duplicates (``max_cost_regressed``): exact OT; see :meth:`resolved`.
         formulation: ``"balanced"`` forces every removed channel into the kept ones (the paper).
             ``"partial"`` lets a removed channel be discarded at cost ``max_cost`` instead of being
             merged into a kept channel that is far from it, so only what is worth merging is merged.
@@ -61,6 +62,11 @@ class OTConfig:
             less (0.9: cosine similarity above 0.6; measured with calibration data on the benchmark: plain
             pruning's figures on the transformers, where 1.2 fell up to 2 points below them). ``None``: as
             without compensation.
+        max_cost_regressed: where removed channels are compensated by least squares (``prune(calibration_data=...,
+            compensation="linear")``, the default with data; see :meth:`resolved`), every group merges a channel only
+            into a kept one within this absolute distance (0.5: cosine similarity above 0.875) and leaves the rest
+            to the regression, which predicts a removed channel from the kept ones better than averaging them
+            does (measured with calibration data, README). ``None``: merge as without it.
         head_max_cost: how whole heads (``channel_blocks``, ``nn.MultiheadAttention``) are merged. Attention
             is bilinear in its query/key weights and passes through a softmax, so an averaged head computes
             neither head's attention unless the two are near-duplicates: a head is merged only into a
@@ -100,6 +106,7 @@ class OTConfig:
     depthwise_max_cost: Optional[float] = 0.5
     max_cost_without_bn: Optional[float] = 1.2
     max_cost_without_bn_compensated: Optional[float] = 0.9
+    max_cost_regressed: Optional[float] = 0.5
     features: Features = "all"
     p: float = 2.0
     normalize_features: bool = True
@@ -117,7 +124,8 @@ class OTConfig:
         _check_choice("marginals", self.marginals, _MARGINALS)
         _check_choice("features", self.features, _FEATURES)
         _check_choice("max_cost_scale", self.max_cost_scale, _COST_SCALES)
-        for name in ("head_max_cost", "depthwise_max_cost", "max_cost_without_bn", "max_cost_without_bn_compensated"):
+        for name in ("head_max_cost", "depthwise_max_cost", "max_cost_without_bn", "max_cost_without_bn_compensated",
+                     "max_cost_regressed"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"OTConfig.{name} must be > 0 or None, got {value}")
@@ -151,19 +159,27 @@ class OTConfig:
             depthwise_max_cost=None,
             max_cost_without_bn=None,
             max_cost_without_bn_compensated=None,
+            max_cost_regressed=None,
         )
         return replace(base, **overrides)
 
-    def resolved(self, recalibrated: bool, compensated: bool = False) -> "OTConfig":
+    def resolved(self, recalibrated: bool, compensated: bool = False, regressed: bool = False) -> "OTConfig":
         """The configuration for one step: ``solver="auto"`` made concrete (``"sinkhorn"`` when BatchNorm
         statistics are re-estimated after the step, ``recalibrated``; ``"emd"`` otherwise; an explicit
-        solver is kept), and, when the means of removed channels are ``compensated``,
-        ``max_cost_without_bn`` replaced by ``max_cost_without_bn_compensated`` (unless either is ``None``)."""
+        solver is kept); when the means of removed channels are ``compensated``, ``max_cost_without_bn``
+        replaced by ``max_cost_without_bn_compensated`` (unless either is ``None``); when they are
+        ``regressed`` (linear compensation), every partial group's threshold is ``max_cost_regressed``
+        (absolute), unless that is ``None``."""
         config = self
         if config.solver == "auto":
-            config = replace(config, solver="sinkhorn" if recalibrated else "emd")
+            near_duplicates_only = regressed and config.max_cost_regressed is not None
+            config = replace(config, solver="sinkhorn" if recalibrated and not near_duplicates_only else "emd")
         if compensated and None not in (config.max_cost_without_bn, config.max_cost_without_bn_compensated):
             config = replace(config, max_cost_without_bn=config.max_cost_without_bn_compensated)
+        if regressed and config.max_cost_regressed is not None and config.formulation == "partial":
+            cost = config.max_cost_regressed
+            config = replace(config, max_cost=cost, max_cost_scale="absolute",
+                             max_cost_without_bn=None if config.max_cost_without_bn is None else cost)
         return config
 
     def for_group(self, heads: bool = False, batch_normalized: bool = True, depthwise: bool = False) -> "OTConfig":

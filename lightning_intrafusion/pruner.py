@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm, tracking_batchnorms
-from lightning_intrafusion.compensation import consumer_input_means, lost_mean_shifts
+from lightning_intrafusion.compensation import (COMPENSATIONS, LINEAR_MAX_WIDTH, ColumnUpdate, InputStatistics,
+                                                consumer_input_statistics, lost_linear_compensation, lost_mean_shifts)
 from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import eager
 from lightning_intrafusion.forward_check import ForwardBrokenError, Signature, check_still_runs, forward_signature
@@ -59,7 +60,7 @@ def prune(
     exclude: Optional[Sequence[str]] = None,
     calibration_data: Union[None, str, Iterable[Any]] = None,
     calibration_batches: Optional[int] = None,
-    compensate_means: bool = True,
+    compensation: str = "linear",
     reference_widths: Optional[Mapping[str, int]] = None,
     channel_blocks: Optional[Mapping[str, int]] = None,
     gradient_fn: Optional[Callable[[nn.Module], Tensor]] = None,
@@ -81,19 +82,20 @@ def prune(
         include / exclude: module-name globs; a group is pruned if one of the layers producing its
             channels matches ``include`` (default: all) and none of its layers matches ``exclude``.
             Groups whose channels are model outputs are never pruned.
-        calibration_data: optional iterable of input batches (read once if it is a one-shot iterator); the
-            means of removed channels are compensated (``compensate_means``) and BatchNorm statistics are
+        calibration_data: optional iterable of input batches (read once if it is a one-shot iterator); what
+            removed channels contributed is compensated (``compensation``) and BatchNorm statistics are
             re-estimated on them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
             any data, on inputs distilled from the unpruned model's own BN statistics
             (:func:`~lightning_intrafusion.synthetic.synthesize_inputs` with its defaults; call it yourself
             to choose their number and the optimisation steps). With it, on a model with BatchNorm, the default
             ``OTConfig(solver="auto")`` takes Sinkhorn plans (better once statistics are re-estimated).
-        compensate_means: with ``calibration_data``, first measure the mean input of every layer with a
-            bias on it (the model as it is), then move the mean contribution of each channel that is
-            removed without being merged (entirely under ``"default"``) into its consumers' biases
-            (:mod:`~lightning_intrafusion.compensation`): where no BatchNorm follows (transformer blocks,
-            classifiers, MLPs), re-estimating statistics cannot recentre the outputs, this does. Groups
-            without BatchNorm then merge only closer channels (``OTConfig.max_cost_without_bn_compensated``).
+        compensation: with ``calibration_data``, how the contribution of each channel that is removed without
+            being merged (entirely under ``"default"``) is kept, from the inputs of the layers consuming it,
+            measured on the model as it is (:mod:`~lightning_intrafusion.compensation`): ``"linear"`` (least
+            squares: predicted from the kept channels, into their columns and the bias), ``"mean"`` (its mean,
+            into the bias) or ``"none"``. Where no BatchNorm follows (transformer blocks, classifiers, MLPs),
+            re-estimating statistics cannot repair the outputs, this does. Groups without BatchNorm then merge
+            only closer channels (``OTConfig.max_cost_without_bn_compensated``).
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -113,11 +115,14 @@ def prune(
         raise ValueError(f"calibration_data must be an iterable of input batches or 'synthetic', got {calibration_data!r}")
     if on_unsupported not in ("raise", "skip"):
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
+    if compensation not in COMPENSATIONS:
+        raise ValueError(f"Unknown compensation {compensation!r}; expected one of {list(COMPENSATIONS)}")
     # the step's settings: solver="auto" takes Sinkhorn where BN statistics are re-estimated after the step,
     # and groups without BN merge only closer channels where the means of removed ones are compensated
     ot_config = (ot_config or OTConfig()).resolved(
         recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)),
-        compensated=calibration_data is not None and compensate_means)
+        compensated=calibration_data is not None and compensation != "none",
+        regressed=calibration_data is not None and compensation == "linear")
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")
@@ -138,11 +143,10 @@ def prune(
             if calibration_data == "synthetic":
                 log("distilling calibration inputs from the model's BatchNorm statistics")
                 batches, calibration = synthesize_inputs(model, example_inputs), "synthetic"
-            if calibration and compensate_means:
+            if calibration and compensation != "none":
                 if iter(batches) is batches:  # a one-shot iterator: read once, used twice
                     batches = list(itertools.islice(batches, calibration_batches))
-                log("measuring the mean inputs of layers with a bias")
-                step.input_means = consumer_input_means(model, batches, calibration_batches)
+                step.compensation, step.calibration = compensation, (batches, calibration_batches)
             try:
                 group_reports, removals, skipped = step.run(model)
             except ForwardBrokenError:
@@ -202,7 +206,9 @@ class _Step:
     gradient_fn: Optional[Callable[[nn.Module], Tensor]]
     on_unsupported: str
     log: Callable[[str], None]
-    input_means: Optional[Mapping[str, Tensor]] = None  # of consumer layers, for mean compensation
+    compensation: str = "none"
+    calibration: Optional[Tuple[Iterable[Any], Optional[int]]] = None  # (batches, at most how many) to compensate on
+    statistics: Dict[str, InputStatistics] = field(default_factory=dict)  # of consumer inputs, once measured
 
     def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
         self.log("tracing the model and building its dependency graph")
@@ -221,9 +227,26 @@ class _Step:
         if needs_gradients(self.scorer):
             _accumulate_gradients(model, self.gradient_fn)
         group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
-                                                self.reference_widths, self.channel_blocks, self.log, self.input_means)
+                                                self.reference_widths, self.channel_blocks, self.log,
+                                                self.consumer_statistics(model, selected), self.compensation)
         check_still_runs(model, self.example_inputs, self.output_before)
         return group_reports, removals, skipped
+
+    def consumer_statistics(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, InputStatistics]:
+        """Input statistics of the layers consuming ``groups`` on the calibration batches, with second moments
+        for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); measured once per step, on the
+        model as it is before anything is pruned."""
+        if self.calibration is None or self.compensation == "none":
+            return {}
+        consumers = {s.key: s.tensor.shape[1] for g in groups for s in g.slices
+                     if s.role == "consumer" and s.is_feature and s.dim == 1}
+        missing = set(consumers) - set(self.statistics)
+        if missing:
+            second = {k for k in missing if self.compensation == "linear" and consumers[k] <= LINEAR_MAX_WIDTH}
+            self.log(f"measuring the inputs of {len(missing)} consumer layer(s) on the calibration data")
+            batches, limit = self.calibration
+            self.statistics.update(consumer_input_statistics(model, batches, limit, keys=missing, second_moments=second))
+        return {k: self.statistics[k] for k in consumers if k in self.statistics}
 
     def groups_breaking_the_forward(self, model: nn.Module) -> Dict[str, str]:
         """Every selected group pruned on its own (and rolled back): those after which the model no longer
@@ -267,11 +290,13 @@ def _accumulate_gradients(model: nn.Module, gradient_fn: Callable[[nn.Module], T
 def _prune_groups(
     graph: tp.DependencyGraph, groups: Sequence[PrunableGroup], sparsity: float, method: str, scorer: Any,
     config: OTConfig, reference_widths: Mapping[str, int], channel_blocks: Mapping[str, int],
-    log: Callable[[str], None] = _silent, input_means: Optional[Mapping[str, Tensor]] = None,
+    log: Callable[[str], None] = _silent, statistics: Optional[Mapping[str, InputStatistics]] = None,
+    compensation: str = "none",
 ) -> Tuple[List[GroupReport], List[Removal]]:
-    """Fuse every group (values only; shapes unchanged), then remove all channels in one pass. With
-    ``input_means`` (see :func:`~lightning_intrafusion.compensation.consumer_input_means`) the mean
-    contribution of what is removed without being merged moves into the consumers' biases."""
+    """Fuse every group (values only; shapes unchanged), then remove all channels in one pass. With the
+    consumers' input ``statistics`` (see :func:`~lightning_intrafusion.compensation.consumer_input_statistics`),
+    what is removed without being merged is compensated (``compensation``: ``"linear"`` where second
+    moments were measured, ``"mean"`` elsewhere)."""
     reports: List[GroupReport] = []
     entries = []
     for number, group in enumerate(groups, 1):
@@ -295,10 +320,16 @@ def _prune_groups(
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
         # from the consumer columns as they are before fusion
-        shifts = lost_mean_shifts(group.slices, input_means, _lost_shares(group.width, removed, transport)) if input_means else {}
+        updates, shifts = {}, {}
+        if statistics and compensation != "none":
+            lost = _lost_shares(group.width, removed, transport)
+            if compensation == "linear":
+                updates = lost_linear_compensation(group.slices, statistics, lost, _expand_index(kept, unit))
+            shifts = lost_mean_shifts([s for s in group.slices if s.key not in updates], statistics, lost)
         if transport is not None:
             report.merged = _fuse(graph, group, transport, kept, unit, group_config)
         _shift_biases(graph.model, shifts)
+        _update_columns(graph.model, updates)
         entries.extend(group.removals(removed))
         if unit > 1 and all(side in ("out", "in") for _, side, _ in group.layers):  # heads removed as plain layer rows
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
@@ -351,6 +382,17 @@ def _shift_biases(model: nn.Module, shifts: Mapping[str, Tensor]) -> None:
     for key, shift in shifts.items():
         bias = model.get_parameter(key[: -len("weight")] + "bias")
         bias.data = bias.data + shift.to(device=bias.device, dtype=bias.dtype)
+
+
+def _update_columns(model: nn.Module, updates: Mapping[str, ColumnUpdate]) -> None:
+    """Add linear compensation to the kept columns of each consumer weight and to its bias (rebinding,
+    never writing into the old storage)."""
+    for key, update in updates.items():
+        weight = model.get_parameter(key)
+        weight.data = weight.data.index_add(1, update.positions.to(weight.device),
+                                            update.weight_delta.to(device=weight.device, dtype=weight.dtype))
+        if update.bias_delta is not None:
+            _shift_biases(model, {key: update.bias_delta})
 
 
 def _transport(group: PrunableGroup, scores: Tensor, kept: Tensor, unit: int, config: OTConfig) -> Tensor:

@@ -32,7 +32,7 @@ if __name__ == "__main__":
     pl.seed_everything(0)
     # with "calibrate": each rank re-estimates BN statistics and compensates means on its own batches;
     # the re-wrapped DDP module must still start every rank from the same weights
-    calibrate = dict(recalibrate_batches=2, compensate_means=True) if "calibrate" in sys.argv[2:] else {}
+    calibrate = dict(recalibrate_batches=2, compensation="linear") if "calibrate" in sys.argv[2:] else {}
     cb = IntraFusionCallback(target_sparsity=0.5, start=1, end=2, schedule="linear", **calibrate)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=3, logger=False,
                          callbacks=[cb, RanksAgree()], enable_checkpointing=False, enable_progress_bar=False,

@@ -180,11 +180,11 @@ def test_ot_config_is_kept_as_given_and_resolved_by_each_step():
         IntraFusionCallback(0.5, ot_config={"solver": "emd"})
 
 
-@pytest.mark.parametrize("compensate", [True, False])
-def test_recalibrated_event_is_prune_with_recent_batches_as_calibration_data(tmp_path, compensate):
-    """With recalibrate_batches the event is ``prune(calibration_data=recent batches)`` (with
-    compensate_means, the means of removed neurons and heads stay in the biases); acc_post is the same
-    step without data."""
+@pytest.mark.parametrize("compensation", ["linear", "mean", "none"])
+def test_recalibrated_event_is_prune_with_recent_batches_as_calibration_data(tmp_path, compensation):
+    """With recalibrate_batches the event is ``prune(calibration_data=recent batches)`` (with compensation,
+    what removed neurons and heads contributed stays in the consumers); acc_post is the same step without
+    data."""
     pl.seed_everything(0)
     model = LitClassifier(arch="transformer", optimizer="adam", lr=3e-3, scheduler=False)
     scope = dict(include=["*.attn", "*.fc1"])
@@ -196,13 +196,13 @@ def test_recalibrated_event_is_prune_with_recent_batches_as_calibration_data(tmp
             super()._fire(trainer, pl_module, inputs)
             seen["after"] = copy.deepcopy(pl_module.net)
 
-    cb = Spy(target_sparsity=0.5, epochs=[1], recalibrate_batches=3, compensate_means=compensate, **scope)
+    cb = Spy(target_sparsity=0.5, epochs=[1], recalibrate_batches=3, compensation=compensation, **scope)
     dm = DigitsDataModule()
     _trainer(tmp_path, [cb], max_epochs=2).fit(model, datamodule=dm)
     assert len(seen["batches"]) == 3
 
     with_data = copy.deepcopy(seen["before"])
-    prune(with_data, seen["example"], 0.5, calibration_data=seen["batches"], compensate_means=compensate, **scope)
+    prune(with_data, seen["example"], 0.5, calibration_data=seen["batches"], compensation=compensation, **scope)
     after = seen["after"].state_dict()
     assert with_data.state_dict().keys() == after.keys()
     assert all(torch.equal(t, after[k]) for k, t in with_data.state_dict().items())
@@ -210,7 +210,12 @@ def test_recalibrated_event_is_prune_with_recent_batches_as_calibration_data(tmp
     data_free = copy.deepcopy(seen["before"])
     prune(data_free, seen["example"], 0.5, **scope)
     biases = [k for k in after if k.endswith(("fc2.bias", "out_proj.bias"))]
-    assert biases and any(not torch.equal(data_free.state_dict()[k], after[k]) for k in biases) == compensate
+    assert biases and any(not torch.equal(data_free.state_dict()[k], after[k]) for k in biases) == (compensation != "none")
+    if compensation == "linear":  # the kept columns of the consumers too, beyond what the mean repair changes
+        mean_only = copy.deepcopy(seen["before"])
+        prune(mean_only, seen["example"], 0.5, calibration_data=seen["batches"], compensation="mean", **scope)
+        weights = [k for k in after if k.endswith(("fc2.weight", "out_proj.weight"))]
+        assert weights and all(not torch.equal(mean_only.state_dict()[k], after[k]) for k in weights)
 
     @torch.no_grad()
     def accuracy(net):

@@ -1,5 +1,7 @@
-"""Mean compensation with calibration data: the mean contribution of removed channels moves into the
-consumers' biases. Exact where the removed channels are constant."""
+"""Compensation with calibration data: the mean contribution of removed channels moves into the consumers'
+biases ("mean"; exact where the removed channels are constant), or their best linear prediction from the
+kept channels into the kept columns and the biases ("linear"; also exact where a removed channel is a
+multiple of a kept one)."""
 
 import copy
 
@@ -9,7 +11,8 @@ from torch import nn
 
 from helpers import EvenUnitsFirst
 from lightning_intrafusion import OTConfig, prune
-from lightning_intrafusion.compensation import consumer_input_means, lost_mean_shifts
+import lightning_intrafusion.pruner as pruner
+from lightning_intrafusion.compensation import InputStatistics, consumer_input_statistics, lost_mean_shifts
 from lightning_intrafusion.fusion import ChannelSlice
 from lightning_intrafusion.models import MLP, SmallTransformer, SmallVGG
 
@@ -17,15 +20,16 @@ X = torch.randn(16, 1, 8, 8)
 BATCHES = [torch.randn(16, 1, 8, 8) for _ in range(3)]
 
 
-def _pruned_pair(model, inputs, sparsity, **kwargs):
-    """The model pruned with calibration data, with and without mean compensation."""
+def _pruned_pair(model, inputs, sparsity, compensation="mean", **kwargs):
+    """The model pruned with calibration data, with and without compensation."""
     compensated, plain = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(compensated, inputs, sparsity, calibration_data=BATCHES, **kwargs)
-    prune(plain, inputs, sparsity, calibration_data=BATCHES, compensate_means=False, **kwargs)
+    report = prune(compensated, inputs, sparsity, calibration_data=BATCHES, compensation=compensation, **kwargs)
+    prune(plain, inputs, sparsity, calibration_data=BATCHES, compensation="none", **kwargs)
     return compensated, plain, report
 
 
-def test_removed_constant_neurons_are_compensated_exactly():
+@pytest.mark.parametrize("compensation", ["mean", "linear"])
+def test_removed_constant_neurons_are_compensated_exactly(compensation):
     torch.manual_seed(0)
     model = MLP(d_in=64, hidden=(32,)).eval()
     layer = model.body[0]
@@ -33,14 +37,15 @@ def test_removed_constant_neurons_are_compensated_exactly():
         layer.weight[1::2] = 0.0
         layer.bias[1::2] = 0.3 + 0.01 * torch.arange(16)
         expected = model(X)
-    compensated, plain, _ = _pruned_pair(model, X, 0.5, method="default", importance=EvenUnitsFirst())
+    compensated, plain, _ = _pruned_pair(model, X, 0.5, compensation, method="default", importance=EvenUnitsFirst())
     assert compensated.body[0].out_features == 16
     with torch.no_grad():
         assert torch.allclose(compensated(X), expected, atol=1e-5)
         assert (plain(X) - expected).abs().max() > 1e-2
 
 
-def test_fusion_compensates_what_it_discards_and_nothing_it_merges():
+@pytest.mark.parametrize("compensation", ["mean", "linear"])
+def test_fusion_compensates_what_it_discards_and_nothing_it_merges(compensation):
     """Neurons 4m+1 duplicate neuron 4m (merged, exact); neurons 4m+3 are constants, unlike any kept
     neuron (discarded, compensated): the fused model computes exactly what the model computed."""
     torch.manual_seed(0)
@@ -53,7 +58,7 @@ def test_fusion_compensates_what_it_discards_and_nothing_it_merges():
         layer.weight[3::4] = 0.0
         layer.bias[3::4] = 0.3 + 0.01 * torch.arange(8)
         expected = model(X)
-    compensated, plain, report = _pruned_pair(model, X, 0.5, importance=EvenUnitsFirst())
+    compensated, plain, report = _pruned_pair(model, X, 0.5, compensation, importance=EvenUnitsFirst())
     assert [g.merged for g in report.groups] == [8]
     with torch.no_grad():
         assert torch.allclose(compensated(X), expected, atol=1e-5)
@@ -61,7 +66,8 @@ def test_fusion_compensates_what_it_discards_and_nothing_it_merges():
 
 
 @pytest.mark.parametrize("attention, include, blocks", [("qkv", "*.attn.q", {"*.attn.q": 8}), ("torch", "*.attn", None)])
-def test_removed_constant_heads_are_compensated_exactly(attention, include, blocks):
+@pytest.mark.parametrize("compensation", ["mean", "linear"])
+def test_removed_constant_heads_are_compensated_exactly(attention, include, blocks, compensation):
     """A head whose value projection ignores the input outputs its value bias whatever it attends to;
     nn.MultiheadAttention applies its output projection without calling it, so its mean input is solved
     from the module's mean output."""
@@ -81,38 +87,54 @@ def test_removed_constant_heads_are_compensated_exactly(attention, include, bloc
                 weight[8:16] = 0.0
                 weight[24:32] = 0.0
         expected = model(X)
-    compensated, plain, _ = _pruned_pair(model, X, 0.5, include=[include], channel_blocks=blocks)
+    compensated, plain, _ = _pruned_pair(model, X, 0.5, compensation, include=[include], channel_blocks=blocks)
     assert all((b.attn.o.in_features == 16) if attention == "qkv" else (b.attn.num_heads == 2) for b in compensated.blocks)
     with torch.no_grad():
-        assert torch.allclose(compensated(X), expected, atol=1e-5)
+        # linear: moments of the attention output mapped back through out_proj carry float32 noise (5-10e-6 measured)
+        assert torch.allclose(compensated(X), expected, atol=1e-5 if compensation == "mean" else 5e-5)
         assert (plain(X) - expected).abs().max() > 1e-2
 
 
-def test_input_means_of_linear_conv_and_attention_layers():
+def test_input_statistics_of_linear_conv_and_attention_layers():
     torch.manual_seed(0)
     model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
-    means = consumer_input_means(model, BATCHES)
-    captured = []
-    hook = model.blocks[0].fc2.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    wanted = {"blocks.0.fc2.weight", "blocks.0.attn.out_proj.weight"}
+    stats = consumer_input_statistics(model, BATCHES, second_moments=wanted)
+    captured, outputs = [], []
+    hooks = [model.blocks[0].fc2.register_forward_pre_hook(lambda m, args: captured.append(args[0])),
+             model.blocks[0].attn.register_forward_hook(lambda m, args, out: outputs.append(out[0]))]
     with torch.no_grad():
         for batch in BATCHES:
             model(batch)
-    hook.remove()
-    direct = torch.cat(captured).reshape(-1, 64).double().mean(0)
-    assert torch.allclose(means["blocks.0.fc2.weight"], direct, atol=1e-10)
-    assert means["blocks.0.attn.out_proj.weight"].shape == (32,)
-    assert "blocks.0.attn.out_proj.output" not in means
+    for hook in hooks:
+        hook.remove()
+    direct = torch.cat(captured).reshape(-1, 64).double()
+    fc2 = stats["blocks.0.fc2.weight"]
+    assert torch.allclose(fc2.mean, direct.mean(0), atol=1e-10)
+    assert torch.allclose(fc2.second_moment, direct.T @ direct / len(direct), atol=1e-10)
+    # nn.MultiheadAttention applies out_proj without calling it: its input moments are solved from the output's
+    attention = stats["blocks.0.attn.out_proj.weight"]
+    assert attention.mean.shape == (32,) and attention.second_moment.shape == (32, 32)
+    y = torch.cat(outputs).reshape(-1, 32).double()
+    w, b = model.blocks[0].attn.out_proj.weight.double(), model.blocks[0].attn.out_proj.bias.double()
+    assert torch.allclose(w @ attention.mean + b, y.mean(0), atol=1e-8)
+    predicted = w @ attention.second_moment @ w.T + torch.outer(w @ attention.mean, b) + torch.outer(b, w @ attention.mean) + torch.outer(b, b)
+    assert torch.allclose(predicted, y.T @ y / len(y), atol=1e-8)
+    assert stats["blocks.1.fc2.weight"].second_moment is None  # only where asked
+    assert not any(k.endswith(".output") for k in stats)
     conv = SmallVGG(width=8).eval()
     conv.features[0][0].bias = nn.Parameter(torch.zeros(8))  # a convolution with a bias sees per-channel means
-    first = consumer_input_means(conv, BATCHES)["features.0.0.weight"]
+    first = consumer_input_statistics(conv, BATCHES)["features.0.0.weight"].mean
     assert torch.allclose(first, torch.stack(BATCHES).double().mean(), atol=1e-10)
-    assert "features.1.0.weight" not in consumer_input_means(conv, BATCHES)  # no bias to carry a shift
+    assert "features.1.0.weight" not in consumer_input_statistics(conv, BATCHES)  # no bias: only when asked for
+    asked = consumer_input_statistics(conv, BATCHES, keys={"features.1.0.weight"})
+    assert set(asked) == {"features.1.0.weight"} and not asked["features.1.0.weight"].has_bias
 
 
 def test_shift_of_partly_merged_channels_counts_only_what_was_lost():
     weight = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     consumer = ChannelSlice("fc.weight", weight, 1, torch.arange(3)[:, None], "consumer")
-    means = {"fc.weight": torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64)}
+    means = {"fc.weight": InputStatistics(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float64))}
     shifts = lost_mean_shifts([consumer], means, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     assert torch.allclose(shifts["fc.weight"], torch.tensor([0.5 * 2 * 10 + 3 * 100, 0.5 * 5 * 10 + 6 * 100], dtype=torch.float64))
 
@@ -129,9 +151,9 @@ def test_with_compensated_means_only_closer_neurons_are_merged():
         layer.weight[1::2] = rows[0::2] + 1.5 * rows[1::2]
         layer.weight[1::2] *= 10.0 / layer.weight[1::2].norm(dim=1, keepdim=True)
     counts = {}
-    for label, kwargs in {"no data": {}, "compensated": {"calibration_data": BATCHES},
-                          "as without data": {"calibration_data": BATCHES,
-                                              "ot_config": OTConfig(max_cost_without_bn_compensated=None)}}.items():
+    mean = {"calibration_data": BATCHES, "compensation": "mean"}
+    for label, kwargs in {"no data": {}, "compensated": mean,
+                          "as without data": dict(mean, ot_config=OTConfig(max_cost_without_bn_compensated=None))}.items():
         report = prune(copy.deepcopy(model), X, 0.5, importance=EvenUnitsFirst(), **kwargs)
         counts[label] = report.groups[0].merged
     assert counts == {"no data": 16, "compensated": 0, "as without data": 16}
@@ -153,7 +175,7 @@ def test_without_batchnorm_calibration_keeps_exact_plans():
     model = SmallTransformer(dim=32, heads=4, mlp=64).eval()
     data_free, calibrated = copy.deepcopy(model), copy.deepcopy(model)
     prune(data_free, X, 0.5, include=["*.fc1"])
-    prune(calibrated, X, 0.5, include=["*.fc1"], calibration_data=BATCHES, compensate_means=False)
+    prune(calibrated, X, 0.5, include=["*.fc1"], calibration_data=BATCHES, compensation="none")
     assert all(torch.equal(a, b) for a, b in zip(data_free.state_dict().values(), calibrated.state_dict().values()))
 
 
@@ -163,4 +185,94 @@ def test_rejected_calibration_batch_leaves_the_model_untouched():
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(RuntimeError):
         prune(model, X, 0.5, calibration_data=[torch.randn(4, 3)])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------- linear compensation
+# ReLU is positively homogeneous: a neuron (or channel) whose weights and bias are twice those of another
+# outputs exactly twice what the other does, so linear compensation of the removed one is exact, up to the
+# shrinkage of its ridge (1e-3 of the kept inputs' mean variance), while mean compensation is not.
+
+
+def _errors(model, inputs, sparsity, **kwargs):
+    """Largest output error of the model pruned with calibration data, per compensation."""
+    with torch.no_grad():
+        expected = model(inputs)
+        errors = {}
+        for compensation in ("linear", "mean", "none"):
+            pruned = copy.deepcopy(model)
+            prune(pruned, inputs, sparsity, calibration_data=BATCHES, compensation=compensation, **kwargs)
+            errors[compensation] = (pruned(inputs) - expected).abs().max().item()
+    return errors
+
+
+def _double_odd_rows(layer: nn.Module, factor: float = 2.0) -> None:
+    with torch.no_grad():
+        layer.weight[1::2] = factor * layer.weight[0::2]
+        if layer.bias is not None:
+            layer.bias[1::2] = factor * layer.bias[0::2]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_compensation_restores_a_removed_multiple_of_a_kept_neuron(bias):
+    """Without a bias in the consumer, the prediction has no intercept (uncentred least squares) and
+    mean compensation has nothing to carry it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10, bias=bias)).eval()
+    _double_odd_rows(model[1], 0.5)  # the removed (odd) neurons: half of the kept ones
+    errors = _errors(model, X, 0.5, method="default", importance=EvenUnitsFirst())
+    assert errors["linear"] < 1e-2 * errors["none"]
+    assert errors["mean"] > 0.3 * errors["none"]  # the mean of a varying neuron is not the neuron
+    if not bias:
+        assert errors["mean"] == errors["none"]
+
+
+@pytest.mark.parametrize("consumer", ["conv", "flatten-linear"])
+def test_linear_compensation_of_convolution_and_flatten_consumers(consumer):
+    """A convolution reads a channel at every pixel and kernel tap (one coefficient per input channel);
+    a linear layer after a flatten reads it at 64 positions (one coefficient per position)."""
+    torch.manual_seed(0)
+    tail = [nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 10)] if consumer == "conv" \
+        else [nn.Flatten(), nn.Linear(8 * 64, 10)]
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), *tail).eval()
+    _double_odd_rows(model[0], 0.5)
+    errors = _errors(model, X, 0.5, method="default", include=["0"], importance=EvenUnitsFirst())
+    assert model[0].out_channels == 8
+    assert errors["linear"] < 1e-2 * errors["none"] and errors["mean"] > 0.3 * errors["none"]
+
+
+def test_linear_compensation_of_attention_heads_solved_through_the_output_projection():
+    """Heads 1 and 3 attend like heads 0 and 2 with half their values: their outputs are half those of the
+    kept heads, which out_proj (applied inside nn.MultiheadAttention) gets back through its columns."""
+    torch.manual_seed(0)
+    model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            attn, hd = block.attn, 8
+            for kept, removed in ((0, 1), (2, 3)):
+                k, r = slice(kept * hd, (kept + 1) * hd), slice(removed * hd, (removed + 1) * hd)
+                for section, factor in zip(attn.in_proj_weight.chunk(3), (1.0, 1.0, 0.5)):
+                    section[r] = factor * section[k]
+                for section, factor in zip(attn.in_proj_bias.chunk(3), (1.0, 1.0, 0.5)):
+                    section[r] = factor * section[k]
+                attn.out_proj.weight[:, r] *= 0.5  # ranked last by L1; out_proj keeps full rank, so its input is solvable
+    errors = _errors(model, X, 0.5, method="default", include=["*.attn"])
+    assert errors["linear"] < 1e-2 * errors["none"] and errors["mean"] > 0.3 * errors["none"]
+
+
+def test_consumers_wider_than_the_limit_get_mean_compensation(monkeypatch):
+    torch.manual_seed(0)
+    model = MLP(d_in=64, hidden=(32,)).eval()
+    means, limited = copy.deepcopy(model), copy.deepcopy(model)
+    prune(means, X, 0.5, calibration_data=BATCHES, compensation="mean")
+    monkeypatch.setattr(pruner, "LINEAR_MAX_WIDTH", 16)  # the head reads 32 neurons
+    prune(limited, X, 0.5, calibration_data=BATCHES, compensation="linear")
+    assert all(torch.equal(a, b) for a, b in zip(means.state_dict().values(), limited.state_dict().values()))
+
+
+def test_unknown_compensation_is_refused_before_anything_changes():
+    model = MLP(d_in=64, hidden=(32,)).eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="compensation 'ridge'"):
+        prune(model, X, 0.5, calibration_data=BATCHES, compensation="ridge")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -82,6 +82,12 @@ def test_compensated_means_tighten_the_threshold_of_groups_without_batchnorm():
     assert OTConfig().resolved(recalibrated=False, compensated=True).max_cost_without_bn == 0.9
     assert OTConfig(max_cost_without_bn_compensated=None).resolved(False, compensated=True).max_cost_without_bn == 1.2
     assert OTConfig(max_cost_without_bn=None).resolved(False, compensated=True).max_cost_without_bn is None
+    # linear compensation: near-duplicates only, in every group, with exact plans
+    regressed = OTConfig().resolved(True, compensated=True, regressed=True)
+    assert (regressed.max_cost, regressed.max_cost_scale, regressed.max_cost_without_bn, regressed.solver) == (0.5, "absolute", 0.5, "emd")
+    assert OTConfig().for_group(batch_normalized=True).resolved(True, True, True).max_cost == 0.5
+    unlimited = OTConfig(max_cost_regressed=None)
+    assert unlimited.resolved(True, True, True) == unlimited.resolved(True, True)  # merges as with mean compensation
     paper = OTConfig.paper()
     assert paper.resolved(True, compensated=True) == replace(paper, solver="emd") == paper
     with pytest.raises(ValueError, match="max_cost_without_bn_compensated"):

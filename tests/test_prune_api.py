@@ -1,6 +1,7 @@
 """prune(): shapes, determinism, inputs, reports, persistence, and all-or-nothing failures."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -390,15 +391,22 @@ def test_sinkhorn_solver_prunes():
     assert torch.isfinite(model(X)).all()
 
 
-def test_re_estimated_statistics_take_sinkhorn_plans_by_default():
+@pytest.mark.parametrize("compensation, expected", [("mean", "sinkhorn"), ("none", "sinkhorn"), ("linear", "emd")])
+def test_re_estimated_statistics_take_sinkhorn_plans_unless_removed_channels_are_regressed(compensation, expected):
+    """solver="auto": Sinkhorn where BN statistics are re-estimated, exact OT where the merges are limited to
+    near-duplicates because linear compensation predicts the rest."""
     batches = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    config = {"auto": None, "sinkhorn": OTConfig(solver="sinkhorn"), "emd": OTConfig(solver="emd")}
+    if compensation == "linear":  # a threshold at which these random channels merge, so the two solvers differ
+        config = {k: replace(c or OTConfig(), max_cost_regressed=1.3) for k, c in config.items()}
     pruned = {}
-    for label, config in (("auto", None), ("sinkhorn", OTConfig(solver="sinkhorn")), ("emd", OTConfig(solver="emd"))):
+    for label, ot_config in config.items():
         torch.manual_seed(0)
         pruned[label] = _resnet()
-        prune(pruned[label], X, 0.5, ot_config=config, calibration_data=batches)
-    assert_same_state(state(pruned["auto"]), state(pruned["sinkhorn"]))
-    assert any(not torch.equal(a, b) for a, b in zip(state(pruned["auto"]).values(), state(pruned["emd"]).values()))
+        prune(pruned[label], X, 0.5, ot_config=ot_config, calibration_data=batches, compensation=compensation)
+    other = "emd" if expected == "sinkhorn" else "sinkhorn"
+    assert_same_state(state(pruned["auto"]), state(pruned[expected]))
+    assert any(not torch.equal(a, b) for a, b in zip(state(pruned["auto"]).values(), state(pruned[other]).values()))
 
 
 def test_prune_checkpoint_one_shot_and_restore(tmp_path):

@@ -69,7 +69,7 @@ def test_synthetic_calibration_recovers_about_what_real_data_does(trained_vgg, d
 def test_prune_with_synthetic_calibration_is_recalibration_on_inputs_distilled_before_pruning(trained_vgg, digits):
     example = digits[0].tensors[0][:8]
     built_in, by_hand = copy.deepcopy(trained_vgg), copy.deepcopy(trained_vgg)
-    prune(built_in, example, 0.5, calibration_data="synthetic", compensate_means=False)
+    prune(built_in, example, 0.5, calibration_data="synthetic", compensation="none")
     inputs = synthesize_inputs(by_hand, example)
     # with statistics re-estimated afterwards, the default solver="auto" takes Sinkhorn plans
     prune(by_hand, example, 0.5, ot_config=OTConfig(solver="sinkhorn"))
