@@ -1,5 +1,5 @@
 """One-shot, data-free pruning on digits: default vs Intra-Fusion (paper preset) vs Intra-Fusion
-(our defaults), each without data, with calibration data (BatchNorm re-estimation and mean
+(our defaults), each without data, with calibration data (BatchNorm re-estimation and linear
 compensation, for every method alike) and with synthetic BN recalibration; no fine-tuning.
 
     python benchmarks/oneshot.py            # full table (trains and caches 10 models per architecture once)
@@ -240,14 +240,14 @@ ABLATIONS = {
     "features: producer rows only": {"features": "producer"},
     "marginals: importance": {"marginals": "importance"},
     "formulation: balanced (the release)": {"formulation": "balanced"},
-    "solver: exact OT also with BN re-estimation": {"solver": "emd"},
     "solver: Sinkhorn also without data": {"solver": "sinkhorn"},
-    "groups without BN: threshold 1.2 also with compensated means": {"max_cost_without_bn_compensated": None},
+    "with linear compensation: merge as with mean compensation (no near-duplicate limit)": {"max_cost_regressed": None},
 }
 
 # --ablations: prune() settings other than OTConfig, changed one at a time
 PRUNE_ABLATIONS = {
-    "calibration without mean compensation (BN re-estimation only)": {"compensate_means": False},
+    "calibration: mean compensation instead of linear": {"compensation": "mean"},
+    "calibration: no compensation (BN re-estimation only)": {"compensation": "none"},
 }
 
 
@@ -295,7 +295,8 @@ SWEEP = (0.9, 0.95, 0.98, 1.0, 1.02, 1.05, 1.1, 1.5)
 
 def sweep(train_set, test_set, seeds) -> None:
     """Mean accuracy of our defaults with ``max_cost`` varied, on every BatchNorm architecture, without
-    data and with BN re-estimation, and the share of removed channels that were merged (the rest were
+    data and with calibration data under mean compensation (linear compensation merges only near-duplicates,
+    whatever ``max_cost``: ``OTConfig.max_cost_regressed``), and the share of removed channels that were merged (the rest were
     discarded). Only BatchNorm groups use ``max_cost``; heads, depthwise chains and groups without
     BatchNorm have absolute thresholds of their own."""
     print(f"\nSweep of OTConfig.max_cost (BatchNorm groups; mean accuracy over {len(seeds)} models; "
@@ -312,7 +313,8 @@ def sweep(train_set, test_set, seeds) -> None:
                 extra = dict(ot_config=OTConfig(max_cost=mc))
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 rows["none"].append(f"{_mean([a for a, _ in runs]):.1f}")
-                rows["calibration"].append(f"{_mean([run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]):.1f}")
+                mean_compensated = dict(extra, compensation="mean")
+                rows["calibration"].append(f"{_mean([run_cell(m, name, s, mean_compensated, train_set, test_set, True)[0] for m in models]):.1f}")
                 merged = sum(g.merged for _, r in runs for g in r.groups)
                 removed = sum(g.width_before - g.width_after for _, r in runs for g in r.groups)
                 rows["merged"].append(f"{merged / max(removed, 1):.0%}")
