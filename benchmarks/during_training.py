@@ -7,8 +7,8 @@ with the default (cubic, AGP) schedule and with a linear one.
 
 Runs (per seed, same data): dense; Intra-Fusion; default pruning; with 8 recent training batches as
 calibration data (``recalibrate_batches=8``): on the VGG, Intra-Fusion with BN statistics re-estimated, without
-and with the means of removed channels compensated (``compensate_means=True``); on the transformer (no BN),
-Intra-Fusion and default pruning with means compensated.
+compensation and with mean or linear compensation of removed channels (``compensation=``); on the transformer
+(no BN), Intra-Fusion with mean and with linear compensation, and default pruning with linear compensation.
 Prints accuracy right after each event and final accuracy (means over seeds), params/MACs and the
 time the callback added.
 """
@@ -142,10 +142,12 @@ def main() -> None:
         calibrated = dict(recalibrate_batches=8, compare_default=False)
         if ARCH == "vgg":
             configs["intra-fusion + BN re-estimation"] = calibrated
-            configs["intra-fusion + BN re-estimation + mean compensation"] = dict(calibrated, compensate_means=True)
-        else:  # no BN statistics to re-estimate: calibration data only compensate means
-            configs["intra-fusion + mean compensation"] = dict(calibrated, compensate_means=True)
-            configs["default + mean compensation"] = dict(calibrated, method="default", compensate_means=True)
+            configs["intra-fusion + BN re-estimation + mean compensation"] = dict(calibrated, compensation="mean")
+            configs["intra-fusion + BN re-estimation + linear compensation"] = dict(calibrated, compensation="linear")
+        else:  # no BN statistics to re-estimate: calibration data only serve compensation
+            configs["intra-fusion + mean compensation"] = dict(calibrated, compensation="mean")
+            configs["intra-fusion + linear compensation"] = dict(calibrated, compensation="linear")
+            configs["default + linear compensation"] = dict(calibrated, method="default", compensation="linear")
         results = {name: [run(IntraFusionCallback(0.7, schedule=schedule, verbose=False, **EVENTS, **scope, **kw), seed)
                           for seed in seeds] for name, kw in configs.items()}
         sparsities = " / ".join(f"{100 * r['achieved_sparsity']:.0f}%" for r in results["default"][0][5].records)

@@ -1,6 +1,6 @@
 """How many optimisation steps and samples data-free calibration needs: inputs distilled from each
 unpruned model's BN statistics (`synthesize_inputs`), passed as `calibration_data` to a pruning step
-(Intra-Fusion, our defaults: BN statistics re-estimated and the means of removed channels compensated on
+(Intra-Fusion, our defaults: removed channels predicted from the kept ones by least squares and BN statistics re-estimated on
 them), against no calibration and calibration on 8 real training batches.
 
     python benchmarks/synthetic_calibration.py          # the 10 cached models of benchmarks/oneshot.py
