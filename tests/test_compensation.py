@@ -276,3 +276,14 @@ def test_unknown_compensation_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="compensation 'ridge'"):
         prune(model, X, 0.5, calibration_data=BATCHES, compensation="ridge")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("compensation", ["mean", "linear"])
+def test_non_finite_calibration_inputs_are_refused_before_anything_changes(compensation):
+    model = MLP(d_in=64, hidden=(32,)).eval()
+    before = copy.deepcopy(model.state_dict())
+    poisoned = [BATCHES[0], torch.full_like(BATCHES[1], float("nan"))]
+    with pytest.raises(ValueError, match="non-finite .* layer 'head'"):
+        prune(model, X, 0.5, calibration_data=poisoned, compensation=compensation)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
