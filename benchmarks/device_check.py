@@ -1,6 +1,6 @@
 """GPU check (for sessions that are lent an accelerator): fusion on CUDA tensors, Sinkhorn on the GPU,
-BN re-estimation on synthetic inputs, and a short training run with the callback, compared against the
-same steps on the CPU.
+BN re-estimation on synthetic inputs, linear compensation (least squares on calibration batches), and a short
+training run with the callback, compared against the same steps on the CPU.
 
     python benchmarks/device_check.py            # uses cuda if available, else says so and exits 0
     python benchmarks/device_check.py --device cpu   # exercise the same path on the CPU
@@ -29,13 +29,18 @@ def grouped_convnet() -> torch.nn.Module:
                          nn.Conv2d(32, 32, 1, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10))
 
 
-def compare(name, factory, x, device, **kwargs):
+def compare(name, factory, x, device, calibrate=False, **kwargs):
+    """The same steps on the CPU and on ``device``; ``calibrate``: 4 random batches like ``x``, on the step's
+    device, as calibration data (linear compensation and BN re-estimation)."""
     torch.manual_seed(0)
     base = factory().eval()
+    batches = [torch.randn(x.shape, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     results = {}
     for dev in ("cpu", device):
         for solver in ("emd", "sinkhorn"):
             model = copy.deepcopy(base).to(dev)
+            if calibrate:
+                kwargs["calibration_data"] = [b.to(dev) for b in batches]
             t = time.perf_counter()
             prune(model, x.to(dev), 0.5, ot_config=OTConfig(solver=solver), **kwargs)
             if dev != "cpu":
@@ -73,12 +78,15 @@ def main() -> int:
     compare("mobilenet (SE)", lambda: SmallMobileNet(se=True), images, args.device)
     compare("resnet18", resnet18, torch.randn(2, 3, 32, 32), args.device)
     compare("resnet (synthetic BN)", lambda: SmallResNet(16), images, args.device, calibration_data="synthetic")
+    compare("vgg (linear comp.)", lambda: SmallVGG(32), images, args.device, calibrate=True)
+    compare("transformer (linear comp.)", lambda: SmallTransformer(attention="torch"), images, args.device,
+            calibrate=True, include=["*.attn", "*.fc1"])
 
     pl.seed_everything(0)
     sys.path.insert(0, "tests")
     from lit import LitClassifier
 
-    cb = IntraFusionCallback(0.5, start=1, end=2, schedule="linear", recalibrate_batches=4)
+    cb = IntraFusionCallback(0.5, start=1, end=2, schedule="linear", recalibrate_batches=4, compensation="linear")
     accelerator = "gpu" if args.device == "cuda" else "cpu"
     trainer = pl.Trainer(accelerator=accelerator, devices=1, max_epochs=4, callbacks=[cb], logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
