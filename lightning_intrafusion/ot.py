@@ -171,14 +171,14 @@ class OTConfig:
         ``regressed`` (linear compensation), every partial group's threshold is ``max_cost_regressed``
         (absolute), unless that is ``None``."""
         config = self
+        near_duplicates_only = regressed and config.max_cost_regressed is not None and config.formulation == "partial"
         if config.solver == "auto":
-            near_duplicates_only = regressed and config.max_cost_regressed is not None
             config = replace(config, solver="sinkhorn" if recalibrated and not near_duplicates_only else "emd")
         if compensated and None not in (config.max_cost_without_bn, config.max_cost_without_bn_compensated):
             config = replace(config, max_cost_without_bn=config.max_cost_without_bn_compensated)
-        if regressed and config.max_cost_regressed is not None and config.formulation == "partial":
+        if near_duplicates_only:
             cost = config.max_cost_regressed
-            config = replace(config, max_cost=cost, max_cost_scale="absolute",
+            config = replace(config, max_cost=cost, max_cost_scale="absolute", normalize_features=True,
                              max_cost_without_bn=None if config.max_cost_without_bn is None else cost)
         return config
 

@@ -87,15 +87,18 @@ def prune(
             re-estimated on them after pruning (``calibration_batches`` caps how many are used). ``"synthetic"``: without
             any data, on inputs distilled from the unpruned model's own BN statistics
             (:func:`~lightning_intrafusion.synthetic.synthesize_inputs` with its defaults; call it yourself
-            to choose their number and the optimisation steps). With it, on a model with BatchNorm, the default
-            ``OTConfig(solver="auto")`` takes Sinkhorn plans (better once statistics are re-estimated).
+            to choose their number and the optimisation steps). With it, on a model with BatchNorm and
+            ``compensation="mean"`` or ``"none"``, the default ``OTConfig(solver="auto")`` takes Sinkhorn plans
+            (better once statistics are re-estimated; see :meth:`OTConfig.resolved`).
         compensation: with ``calibration_data``, how the contribution of each channel that is removed without
             being merged (entirely under ``"default"``) is kept, from the inputs of the layers consuming it,
             measured on the model as it is (:mod:`~lightning_intrafusion.compensation`): ``"linear"`` (least
             squares: predicted from the kept channels, into their columns and the bias), ``"mean"`` (its mean,
             into the bias) or ``"none"``. Where no BatchNorm follows (transformer blocks, classifiers, MLPs),
-            re-estimating statistics cannot repair the outputs, this does. Groups without BatchNorm then merge
-            only closer channels (``OTConfig.max_cost_without_bn_compensated``).
+            re-estimating statistics cannot repair the outputs, this does. Fusion then merges only closer
+            channels: under ``"linear"`` near-duplicates only (``OTConfig.max_cost_regressed``: the regression
+            predicts the others better than merging them), under ``"mean"`` groups without BatchNorm within
+            ``OTConfig.max_cost_without_bn_compensated``.
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -117,8 +120,8 @@ def prune(
         raise ValueError(f"on_unsupported must be 'raise' or 'skip', got {on_unsupported!r}")
     if compensation not in COMPENSATIONS:
         raise ValueError(f"Unknown compensation {compensation!r}; expected one of {list(COMPENSATIONS)}")
-    # the step's settings: solver="auto" takes Sinkhorn where BN statistics are re-estimated after the step,
-    # and groups without BN merge only closer channels where the means of removed ones are compensated
+    # the step's settings: what fusion may merge and with which solver depend on what repairs follow it (BN
+    # re-estimation, compensation of removed channels); see OTConfig.resolved
     ot_config = (ot_config or OTConfig()).resolved(
         recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)),
         compensated=calibration_data is not None and compensation != "none",

@@ -86,6 +86,8 @@ def test_compensated_means_tighten_the_threshold_of_groups_without_batchnorm():
     regressed = OTConfig().resolved(True, compensated=True, regressed=True)
     assert (regressed.max_cost, regressed.max_cost_scale, regressed.max_cost_without_bn, regressed.solver) == (0.5, "absolute", 0.5, "emd")
     assert OTConfig().for_group(batch_normalized=True).resolved(True, True, True).max_cost == 0.5
+    balanced = OTConfig(formulation="balanced")  # merges everything: Sinkhorn after re-estimation, as without regression
+    assert balanced.resolved(True, True, True) == balanced.resolved(True, True) and balanced.resolved(True, True, True).solver == "sinkhorn"
     unlimited = OTConfig(max_cost_regressed=None)
     assert unlimited.resolved(True, True, True) == unlimited.resolved(True, True)  # merges as with mean compensation
     paper = OTConfig.paper()
