@@ -7,6 +7,7 @@ compensation, for every method alike) and with synthetic BN recalibration; no fi
     python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
     python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates)
     python benchmarks/oneshot.py --ablations   # each OTConfig choice of our defaults against its alternative
+    python benchmarks/oneshot.py --refit    # also calibration with the layer-wise refit (compensation="refit")
 """
 
 from __future__ import annotations
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="also prune the transformers' MLP neurons and heads separately")
     parser.add_argument("--ablations", action="store_true", help="each OTConfig default against its alternative")
     parser.add_argument("--extra", action="store_true", help="also MobileNetV2-style nets (not in the issue's set)")
+    parser.add_argument("--refit", action="store_true", help="also calibration with the layer-wise refit")
     parser.add_argument("--max-cost", type=float, default=OTConfig().max_cost)
     parser.add_argument("--no-timing", action="store_true")
     args = parser.parse_args()
@@ -177,6 +179,8 @@ def main() -> None:
         parts(train_set, test_set, seeds, args.max_cost)
     if args.ablations:
         ablations(train_set, test_set, seeds, results)
+    if args.refit:
+        refit(train_set, test_set, seeds, results)
     if not args.no_timing:
         timing()
 
@@ -320,6 +324,24 @@ def sweep(train_set, test_set, seeds) -> None:
                 rows["merged"].append(f"{merged / max(removed, 1):.0%}")
             for data, cells in rows.items():
                 print(f"| {name} | {s:.0%} | {data} | " + " | ".join(cells) + " |")
+
+
+def refit(train_set, test_set, seeds, results) -> None:
+    """With calibration data: linear compensation (the default; the main table's +calibration column) against
+    the layer-wise refit (``compensation="refit"``), for plain pruning and Intra-Fusion (our defaults)."""
+    print(f"\nCalibration data (8 training batches): linear compensation vs layer-wise refit (mean ±std over "
+          f"{len(seeds)} models; seconds: one Intra-Fusion step with the refit)\n")
+    print("| model | sparsity | default, linear | if-ours, linear | default, refit | if-ours, refit | if-ours refit - default refit (paired) | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in [n for n in MODELS if n not in EXTRA]:
+        models = [trained(name, train_set, seed) for seed in seeds]
+        for s in SPARSITIES:
+            refit_runs = {label: [run_cell(m, name, s, dict(extra, compensation="refit"), train_set, test_set, True) for m in models]
+                          for label, extra in (("default", dict(method="default")), ("if-ours", {}))}
+            accs = {label: [a for a, _ in runs] for label, runs in refit_runs.items()}
+            seconds = _mean([r.seconds for _, r in refit_runs["if-ours"]])
+            print(f"| {name} | {s:.0%} | {mean_std(results[name, s, 'default'][1])} | {mean_std(results[name, s, 'if-ours'][1])} | "
+                  f"{mean_std(accs['default'])} | {mean_std(accs['if-ours'])} | {_paired(accs['if-ours'], accs['default'])} | {seconds:.2f} |")
 
 
 def _mean(values) -> float:

@@ -58,7 +58,7 @@ class IntraFusionCallback(Callback):
             The default ``OTConfig(solver="auto")`` takes Sinkhorn plans on models with BatchNorm
             (see :meth:`OTConfig.resolved`).
         compensation: with ``recalibrate_batches``, how the contribution of removed channels is kept, as in
-            :func:`prune`: ``"linear"``, ``"mean"`` or ``"none"`` (default here; ``prune()`` defaults to
+            :func:`prune`: ``"refit"``, ``"linear"``, ``"mean"`` or ``"none"`` (default here; ``prune()`` defaults to
             ``"linear"``). Measured during training (``benchmarks/during_training.py``): linear compensation
             lifts accuracy right after events (VGG: up to +4.1 points) but the transformer ended 1.8-2.2 points
             lower after training on, and mean compensation cost it 8-12 points right after two events: a repair

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from lightning_intrafusion.calibration import ChannelMoments, observe_batches
 from lightning_intrafusion.fusion import ChannelSlice
 
-COMPENSATIONS = ("linear", "mean", "none")
+COMPENSATIONS = ("linear", "mean", "none", "refit")  # "refit": layer-wise reconstruction.py
 LINEAR_MAX_WIDTH = 4096  # widest consumer input whose E[x x^T] is measured (4096^2 doubles: 128 MiB)
 # ridge of the least squares, relative to the mean diagonal of the kept channels' (co)variance. Measured
 # on the one-shot benchmark with calibration data (10 models each): 1e-4 and 1e-3 within 0.6 points of

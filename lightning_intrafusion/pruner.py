@@ -40,6 +40,7 @@ from lightning_intrafusion.graph import build_graph, following_batchnorm
 from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
 from lightning_intrafusion.ot import OTConfig
+from lightning_intrafusion.reconstruction import record_outputs, refit_layers, refittable
 from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport
 from lightning_intrafusion.selection import block_size, check_reordered_channels, choose_kept, kept_width, select_groups
 from lightning_intrafusion.snapshot import ModelSnapshot
@@ -94,7 +95,11 @@ def prune(
             being merged (entirely under ``"default"``) is kept, from the inputs of the layers consuming it,
             measured on the model as it is (:mod:`~lightning_intrafusion.compensation`): ``"linear"`` (least
             squares: predicted from the kept channels, into their columns and the bias), ``"mean"`` (its mean,
-            into the bias) or ``"none"``. Where no BatchNorm follows (transformer blocks, classifiers, MLPs),
+            into the bias) or ``"none"``; or ``"refit"`` (:mod:`~lightning_intrafusion.reconstruction`): every
+            linear layer and convolution of the pruned groups refit in forward order to reproduce its unpruned
+            outputs from the inputs it now receives, so each layer also repairs what earlier ones lost (the most
+            accurate measured; keeps those layers' unpruned outputs on the batches in memory and takes a pass
+            over the batches per layer). Where no BatchNorm follows (transformer blocks, classifiers, MLPs),
             re-estimating statistics cannot repair the outputs, this does. Fusion then merges only closer
             channels: under ``"linear"`` near-duplicates only (``OTConfig.max_cost_regressed``: the regression
             predicts the others better than merging them), under ``"mean"`` groups without BatchNorm within
@@ -125,7 +130,7 @@ def prune(
     ot_config = (ot_config or OTConfig()).resolved(
         recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)),
         compensated=calibration_data is not None and compensation != "none",
-        regressed=calibration_data is not None and compensation == "linear")
+        regressed=calibration_data is not None and compensation in ("linear", "refit"))
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
         raise ValueError("importance='taylor' needs gradients: pass gradient_fn=lambda model: loss")
@@ -147,7 +152,7 @@ def prune(
                 log("distilling calibration inputs from the model's BatchNorm statistics")
                 batches, calibration = synthesize_inputs(model, example_inputs), "synthetic"
             if calibration and compensation != "none":
-                if iter(batches) is batches:  # a one-shot iterator: read once, used twice
+                if iter(batches) is batches or compensation == "refit":  # read once, used more than once
                     batches = list(itertools.islice(batches, calibration_batches))
                 step.compensation, step.calibration = compensation, (batches, calibration_batches)
             try:
@@ -212,6 +217,7 @@ class _Step:
     compensation: str = "none"
     calibration: Optional[Tuple[Iterable[Any], Optional[int]]] = None  # (batches, at most how many) to compensate on
     statistics: Dict[str, InputStatistics] = field(default_factory=dict)  # of consumer inputs, once measured
+    outputs: Dict[str, List[Tensor]] = field(default_factory=dict)  # unpruned layer outputs, for the refit
 
     def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
         self.log("tracing the model and building its dependency graph")
@@ -229,17 +235,37 @@ class _Step:
         selected = [g for g in selected if g.root_name not in skipped and only in (None, g.root_name)]
         if needs_gradients(self.scorer):
             _accumulate_gradients(model, self.gradient_fn)
+        targets = self.layer_outputs(model, selected)
         group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
                                                 self.reference_widths, self.channel_blocks, self.log,
                                                 self.consumer_statistics(model, selected), self.compensation)
         check_still_runs(model, self.example_inputs, self.output_before)
+        if targets:
+            self.log(f"refitting {len(targets)} layer(s) on the calibration data, in forward order")
+            refit_layers(model, self.calibration[0], targets, _kept_outputs(removals, targets))
         return group_reports, removals, skipped
+
+    def layer_outputs(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, List[Tensor]]:
+        """For ``compensation="refit"``: the outputs of the groups' refittable layers on the calibration batches,
+        in the order the forward pass calls them; recorded once per step, before anything is pruned."""
+        if self.calibration is None or self.compensation != "refit":
+            return {}
+        modules = {id(m): n for n, m in model.named_modules()}
+        names = {modules[id(module)] for g in groups for module, _ in g.targets.values()
+                 if id(module) in modules and refittable(module)}
+        missing = names - set(self.outputs)
+        if missing:
+            self.log(f"recording the outputs of {len(missing)} layer(s) on the calibration data")
+            self.outputs.update(record_outputs(model, self.calibration[0], sorted(missing)))
+            order = record_outputs(model, self.calibration[0][:1], sorted(self.outputs))  # first-call order
+            self.outputs = {name: self.outputs[name] for name in order}
+        return {name: self.outputs[name] for name in self.outputs if name in names}
 
     def consumer_statistics(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, InputStatistics]:
         """Input statistics of the layers consuming ``groups`` on the calibration batches, with second moments
         for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); measured once per step, on the
         model as it is before anything is pruned."""
-        if self.calibration is None or self.compensation == "none":
+        if self.calibration is None or self.compensation not in ("linear", "mean"):
             return {}
         consumers = {s.key: s.tensor.shape[1] for g in groups for s in g.slices
                      if s.role == "consumer" and s.is_feature and s.dim == 1}
@@ -385,6 +411,17 @@ def _shift_biases(model: nn.Module, shifts: Mapping[str, Tensor]) -> None:
     for key, shift in shifts.items():
         bias = model.get_parameter(key[: -len("weight")] + "bias")
         bias.data = bias.data + shift.to(device=bias.device, dtype=bias.dtype)
+
+
+def _kept_outputs(removals: Sequence[Removal], targets: Mapping[str, List[Tensor]]) -> Dict[str, Tensor]:
+    """The output channels each refit layer keeps, from this step's removals (indices of the unpruned widths)."""
+    kept = {}
+    for name, side, idxs in removals:
+        if side == "out" and name in targets:
+            output = targets[name][0]
+            width = output.shape[1] if output.dim() == 4 else output.shape[-1]
+            kept[name] = torch.tensor(complement(width, idxs), dtype=torch.long)
+    return kept
 
 
 def _update_columns(model: nn.Module, updates: Mapping[str, ColumnUpdate]) -> None:

@@ -1,0 +1,100 @@
+"""Layer-wise refit with calibration data (``compensation="refit"``): every pruned layer, in forward order,
+reproduces the unpruned layer's kept outputs from the inputs it now receives."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lightning_intrafusion.pruner as pruner
+from helpers import EvenUnitsFirst, assert_same_state, state
+from lightning_intrafusion import prune
+from lightning_intrafusion.reconstruction import record_outputs
+
+X = torch.randn(16, 1, 8, 8)
+BATCHES = [torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+
+
+def _error(model, pruned):
+    with torch.no_grad():
+        return (pruned(X) - model(X)).abs().max().item()
+
+
+def _halve_odd_rows(layer):
+    with torch.no_grad():
+        layer.weight[1::2] = 0.5 * layer.weight[0::2]
+        layer.bias[1::2] = 0.5 * layer.bias[0::2]
+
+
+@pytest.mark.parametrize("method", ["default", "intrafusion"])
+def test_refit_restores_removed_multiples_of_kept_neurons_through_two_pruned_groups(method):
+    """Both hidden layers lose their odd neurons, each half of an even one (ReLU is positively homogeneous):
+    refitting the middle layer (consumer of the first group, producer of the second) and the head in forward
+    order reproduces the outputs (to the ridge's shrinkage); plain removal does not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    _halve_odd_rows(model[1])
+    _halve_odd_rows(model[3])
+    errors = {}
+    for compensation in ("refit", "none"):
+        pruned = copy.deepcopy(model)
+        prune(pruned, X, 0.5, method=method, importance=EvenUnitsFirst(), calibration_data=BATCHES, compensation=compensation)
+        assert pruned[3].weight.shape == (16, 16)
+        errors[compensation] = _error(model, pruned)
+    assert errors["refit"] < 2e-2 * errors["none"], errors  # what is left: the ridge (1e-3, toward the pruned weights)
+
+
+def test_refit_of_convolutions_reproduces_the_kept_outputs():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 64, 10)).eval()
+    _halve_odd_rows(model[0])
+    pruned, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune(pruned, X, 0.5, method="default", include=["0"], importance=EvenUnitsFirst(), calibration_data=BATCHES,
+          compensation="refit")
+    prune(plain, X, 0.5, method="default", include=["0"], importance=EvenUnitsFirst())
+    assert pruned[2].in_channels == 4
+    assert _error(model, pruned) < 1e-2 * _error(model, plain)
+
+
+def test_only_layers_of_pruned_groups_are_refit():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    pruned = copy.deepcopy(model)
+    prune(pruned, X, 0.5, include=["1"], calibration_data=BATCHES, compensation="refit")
+    assert pruned[3].in_features == 16 and pruned[3].out_features == 32
+    assert torch.equal(pruned[5].weight, model[5].weight) and torch.equal(pruned[5].bias, model[5].bias)
+    assert not torch.equal(pruned[3].weight, model[3].weight[:, :16])  # the consumer was refit
+
+
+def test_a_failing_refit_leaves_the_model_as_it_was(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    before = state(model)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure in the refit")
+
+    monkeypatch.setattr(pruner, "refit_layers", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune(model, X, 0.5, calibration_data=BATCHES, compensation="refit")
+    assert_same_state(before, state(model))
+
+
+def test_outputs_are_recorded_in_the_order_the_forward_calls_the_layers():
+    class Reversed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(8, 4)
+            self.early = nn.Linear(64, 8)
+
+        def forward(self, x):
+            return self.late(torch.relu(self.early(x.flatten(1))))
+
+    model = Reversed()
+    outputs = record_outputs(model, BATCHES, ["late", "early"])
+    assert list(outputs) == ["early", "late"]
+    assert [o.shape for o in outputs["late"]] == [(16, 4)] * len(BATCHES)
+    with torch.no_grad():
+        assert torch.equal(outputs["early"][1], model.early(BATCHES[1].flatten(1)))
