@@ -7,8 +7,9 @@ with the default (cubic, AGP) schedule and with a linear one.
 
 Runs (per seed, same data): dense; Intra-Fusion; default pruning; with 8 recent training batches as
 calibration data (``recalibrate_batches=8``): on the VGG, Intra-Fusion with BN statistics re-estimated, without
-compensation and with mean or linear compensation of removed channels (``compensation=``); on the transformer
-(no BN), Intra-Fusion with mean and with linear compensation, and default pruning with linear compensation.
+compensation, with mean or linear compensation of removed channels and with the layer-wise refit
+(``compensation=``); on the transformer (no BN), Intra-Fusion with mean and with linear compensation and with
+the refit, and default pruning with linear compensation.
 Prints accuracy right after each event and final accuracy (means over seeds), params/MACs and the
 time the callback added.
 """
@@ -144,10 +145,12 @@ def main() -> None:
             configs["intra-fusion + BN re-estimation"] = calibrated
             configs["intra-fusion + BN re-estimation + mean compensation"] = dict(calibrated, compensation="mean")
             configs["intra-fusion + BN re-estimation + linear compensation"] = dict(calibrated, compensation="linear")
+            configs["intra-fusion + BN re-estimation + layer-wise refit"] = dict(calibrated, compensation="refit")
         else:  # no BN statistics to re-estimate: calibration data only serve compensation
             configs["intra-fusion + mean compensation"] = dict(calibrated, compensation="mean")
             configs["intra-fusion + linear compensation"] = dict(calibrated, compensation="linear")
             configs["default + linear compensation"] = dict(calibrated, method="default", compensation="linear")
+            configs["intra-fusion + layer-wise refit"] = dict(calibrated, compensation="refit")
         results = {name: [run(IntraFusionCallback(0.7, schedule=schedule, verbose=False, **EVENTS, **scope, **kw), seed)
                           for seed in seeds] for name, kw in configs.items()}
         sparsities = " / ".join(f"{100 * r['achieved_sparsity']:.0f}%" for r in results["default"][0][5].records)
