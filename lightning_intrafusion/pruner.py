@@ -257,7 +257,7 @@ class _Step:
         if missing:
             self.log(f"recording the outputs of {len(missing)} layer(s) on the calibration data")
             self.outputs.update(record_outputs(model, self.calibration[0], sorted(missing)))
-            order = record_outputs(model, self.calibration[0][:1], sorted(self.outputs))  # first-call order
+            order = record_outputs(model, self.calibration[0][:1], sorted(self.outputs), limit=1)  # call order
             self.outputs = {name: self.outputs[name] for name in order}
         return {name: self.outputs[name] for name in self.outputs if name in names}
 
@@ -418,9 +418,7 @@ def _kept_outputs(removals: Sequence[Removal], targets: Mapping[str, List[Tensor
     kept = {}
     for name, side, idxs in removals:
         if side == "out" and name in targets:
-            output = targets[name][0]
-            width = output.shape[1] if output.dim() == 4 else output.shape[-1]
-            kept[name] = torch.tensor(complement(width, idxs), dtype=torch.long)
+            kept[name] = torch.tensor(complement(targets[name][0].shape[1], idxs), dtype=torch.long)
     return kept
 
 

@@ -4,8 +4,10 @@ convolution is refit, in the order the forward pass calls them, to reproduce wha
 im2col patches for a convolution, with a ridge toward the weights the step left). Each layer thereby also corrects what the layers before it lost,
 which per-layer compensation from the unpruned model's statistics cannot (:mod:`~lightning_intrafusion.compensation`).
 
-The unpruned layers' outputs on the calibration batches are recorded before the step (kept in memory), and the
-refit takes one pass over the batches per layer.
+The unpruned layers' outputs on the calibration batches are recorded before the step and kept in memory as
+rows (one per sample and token or pixel), at most :data:`MAX_ROWS` evenly spaced rows per layer and batch and at
+most :data:`MAX_STORED` values in all (fewer rows per batch for more or wider layers); the refit uses the same
+rows of the inputs and takes one pass over the batches per layer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from lightning_intrafusion.execution import call_model, preserved_modes
 
 RIDGE = 1e-3  # relative to the mean diagonal of the features' Gram matrix, as linear compensation
 MAX_FEATURES = 8192  # widest input (channels x kernel size) refit; wider layers keep what the step gave them
+MAX_ROWS = 4096  # rows (samples x positions) of a layer's output kept per batch
+MAX_STORED = 2 ** 27  # values kept in all (512 MiB in single precision)
+MIN_ROWS = 64  # per layer and batch, whatever the budget
 
 
 def refittable(module: nn.Module) -> bool:
@@ -33,16 +38,35 @@ def _features(layer: nn.Module) -> int:
     return layer.weight[0].numel()
 
 
+def row_limit(layers: Sequence[nn.Module], batches: int) -> int:
+    """Rows kept per layer and batch so that all of them fit :data:`MAX_STORED` (at most :data:`MAX_ROWS`)."""
+    widths = sum(layer.weight.shape[0] for layer in layers) * max(1, batches)
+    return max(MIN_ROWS, min(MAX_ROWS, MAX_STORED // max(1, widths)))
+
+
+def rows_kept(total: int, limit: int) -> Optional[Tensor]:
+    """Evenly spaced indices of ``limit`` of ``total`` rows, or None for all of them."""
+    if total <= limit:
+        return None
+    return torch.linspace(0, total - 1, limit).round().long()
+
+
 @torch.no_grad()
-def record_outputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str]) -> Dict[str, List[Tensor]]:
-    """The outputs of the named layers on every batch (the first call per batch), in the order the forward pass
-    first calls them (the dict's order). The model runs in eval mode; modes are restored."""
+def record_outputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str],
+                   limit: Optional[int] = None) -> Dict[str, List[Tensor]]:
+    """The outputs of the named layers on every batch (the first call per batch) as rows (``(rows, out)``,
+    single precision; at most ``limit`` evenly spaced rows per batch, default :func:`row_limit`), in the order
+    the forward pass first calls them (the dict's order). The model runs in eval mode; modes are restored."""
     outputs: Dict[str, List[Tensor]] = {}
+    if limit is None:
+        limit = row_limit([model.get_submodule(name) for name in names], len(batches))
 
     def hook(name: str):
         def record(module: nn.Module, args: Any, output: Any) -> None:
             if isinstance(output, Tensor) and len(outputs.setdefault(name, [])) == current[0]:
-                outputs[name].append(output.detach())
+                rows = _rows(module, output.detach())
+                picked = rows_kept(len(rows), limit)
+                outputs[name].append((rows if picked is None else rows[picked.to(rows.device)]).float())
         return record
 
     current = [0]
@@ -61,7 +85,8 @@ def record_outputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str
 @torch.no_grad()
 def refit_layers(model: nn.Module, batches: Sequence[Any], targets: Dict[str, List[Tensor]],
                  kept_outputs: Dict[str, Tensor], ridge: float = RIDGE) -> List[str]:
-    """Refit the layers of ``targets`` (unpruned outputs per batch, in call order) one after the other: each
+    """Refit the layers of ``targets`` (unpruned output rows per batch from :func:`record_outputs`, in call
+    order) one after the other: each
     from its inputs in ``model`` as it is by then, to the unpruned outputs at ``kept_outputs[name]`` (all
     outputs where absent). Returns the names refit (layers that never ran or are too wide are left). The
     model runs in eval mode; modes are restored."""
@@ -90,10 +115,14 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
             if not inputs:
                 return False
             x = _input_features(layer, inputs[0])
+            picked = rows_kept(len(x), len(target)) if len(x) != len(target) else None
+            if picked is not None:
+                x = x[picked.to(x.device)]
             if layer.bias is not None:
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
             gram = gram + x.T @ x
-            cross = cross + x.T @ _output_rows(layer, target, kept)
+            y = target if kept is None else target[:, kept.to(target.device)]
+            cross = cross + x.T @ y.to(x)
     finally:
         handle.remove()
     n = _features(layer)
@@ -120,8 +149,6 @@ def _input_features(layer: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).double()
 
 
-def _output_rows(layer: nn.Module, y: Tensor, kept: Optional[Tensor]) -> Tensor:
-    rows = y.movedim(1, -1).reshape(-1, y.shape[1]) if isinstance(layer, nn.Conv2d) else y.reshape(-1, y.shape[-1])
-    if kept is not None:
-        rows = rows[:, kept.to(rows.device)]
-    return rows.double()
+def _rows(layer: nn.Module, y: Tensor) -> Tensor:
+    """A layer's output as rows of its output channels, in the order of :func:`_input_features`'s rows."""
+    return y.movedim(1, -1).reshape(-1, y.shape[1]) if isinstance(layer, nn.Conv2d) else y.reshape(-1, y.shape[-1])

@@ -98,3 +98,20 @@ def test_outputs_are_recorded_in_the_order_the_forward_calls_the_layers():
     assert [o.shape for o in outputs["late"]] == [(16, 4)] * len(BATCHES)
     with torch.no_grad():
         assert torch.equal(outputs["early"][1], model.early(BATCHES[1].flatten(1)))
+
+
+def test_stored_rows_are_capped_and_the_refit_uses_the_same_rows(monkeypatch):
+    import lightning_intrafusion.reconstruction as reconstruction
+
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1))
+    kept = record_outputs(conv, BATCHES[:2], ["0"], limit=5)["0"]
+    with torch.no_grad():
+        full = conv(BATCHES[1]).movedim(1, -1).reshape(-1, 4)
+    assert [t.shape for t in kept] == [(5, 4)] * 2
+    assert torch.equal(kept[1], full[reconstruction.rows_kept(len(full), 5)])
+    assert reconstruction.row_limit([conv[0]], batches=8) == reconstruction.MAX_ROWS
+    monkeypatch.setattr(reconstruction, "MAX_STORED", 4 * 8 * 100)  # 100 rows of 4 outputs per batch
+    assert reconstruction.row_limit([conv[0]], batches=8) == 100
+    # under this budget the conv net below keeps 64 (MIN_ROWS) of the 1024 rows of each batch, and its refit still
+    # restores the kept outputs
+    test_refit_of_convolutions_reproduces_the_kept_outputs()
