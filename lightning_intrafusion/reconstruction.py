@@ -7,7 +7,7 @@ which per-layer compensation from the unpruned model's statistics cannot (:mod:`
 The unpruned layers' outputs on the calibration batches are recorded before the step and kept in memory as
 rows (one per sample and token or pixel), at most :data:`MAX_ROWS` evenly spaced rows per layer and batch and at
 most :data:`MAX_STORED` values in all (fewer rows per batch for more or wider layers); the refit uses the same
-rows of the inputs and takes one pass over the batches per layer.
+rows of the inputs and takes one pass over the batches per layer, each stopped at that layer.
 """
 
 from __future__ import annotations
@@ -107,11 +107,19 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
     gram: Any = 0.0
     cross: Any = 0.0
     inputs: List[Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+
+    def capture(module: nn.Module, args: Any) -> None:
+        inputs.append(args[0].detach())
+        raise _Captured  # the rest of the forward pass is not needed
+
+    handle = layer.register_forward_pre_hook(capture)
     try:
         for batch, target in zip(batches, wanted):
             inputs.clear()
-            call_model(model, batch)
+            try:
+                call_model(model, batch)
+            except _Captured:
+                pass
             if not inputs:
                 return False
             x = _input_features(layer, inputs[0])
@@ -140,6 +148,10 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
     if layer.bias is not None:
         layer.bias.data = solution[n].to(layer.bias)
     return True
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the refit layer's input is captured (eval mode: nothing is left half-updated)."""
 
 
 def _input_features(layer: nn.Module, x: Tensor) -> Tensor:
