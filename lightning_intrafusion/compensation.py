@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from lightning_intrafusion.calibration import ChannelMoments, observe_batches
 from lightning_intrafusion.fusion import ChannelSlice
+from lightning_intrafusion.surgery import transposed_linear_types
 
 COMPENSATIONS = ("linear", "mean", "none", "refit")  # "refit": layer-wise reconstruction.py
 LINEAR_MAX_WIDTH = 4096  # widest consumer input whose E[x x^T] is measured (4096^2 doubles: 128 MiB)
@@ -58,7 +59,8 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
                               second_moments: Collection[str] = ()) -> Dict[str, InputStatistics]:
     """Input statistics of the layers whose weight keys (``"blocks.0.fc2.weight"``) are in ``keys`` (default:
     every layer with a bias), with ``E[x x^T]`` for those in ``second_moments``. Linear layers (channels along
-    the last dim), convolutions (dim 1; grouped ones never get second moments) and the output projection
+    the last dim; also Hugging Face's ``Conv1D``), convolutions (dim 1; grouped ones never get second moments) and
+    the output projection
     of ``nn.MultiheadAttention``, which the module applies without calling it: its input statistics follow
     from the module's output ``y = W x + b`` where ``W`` has full column rank (``x = W^+ (y - b)``).
     The model runs in eval mode; modes are restored."""
@@ -84,7 +86,7 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
                 hooks.append(module.register_forward_hook(
                     lambda m, args, output, key=key: add(key + ".output", output[0] if isinstance(output, tuple) else output,
                                                          -1, key in second_moments)))
-        elif isinstance(module, nn.Linear) and wanted(key, module):
+        elif isinstance(module, (nn.Linear,) + transposed_linear_types()) and wanted(key, module):
             has_bias[key] = module.bias is not None
             hooks.append(module.register_forward_pre_hook(
                 lambda m, args, key=key: add(key, args[0] if args else None, -1, key in second_moments)))
@@ -126,25 +128,39 @@ def lost_mean_shifts(slices: Sequence[ChannelSlice], statistics: Dict[str, Input
     Adding it to the consumer's bias keeps the output's mean."""
     shifts: Dict[str, Tensor] = {}
     for s in slices:
-        if s.role != "consumer" or not s.is_feature or s.dim != 1 or s.key not in statistics or not statistics[s.key].has_bias:
+        weight = consumer_weight(s)
+        if weight is None or s.key not in statistics or not statistics[s.key].has_bias:
             continue
-        columns = s.per_output().double()  # (out, n, c * rest)
         n, c = s.positions.shape
+        columns = weight.index_select(1, s.positions.reshape(-1).to(weight.device)).reshape(weight.shape[0], n, -1).double()
         mean = statistics[s.key].mean.to(columns.device)[s.positions.reshape(-1).to(columns.device)].reshape(n, c, 1)
         mean = mean.expand(n, c, columns.shape[2] // c).reshape(n, -1)
         shifts[s.key] = torch.einsum("onm,nm,n->o", columns, mean, lost.to(columns))
     return shifts
 
 
+def consumer_weight(s: ChannelSlice) -> Optional[Tensor]:
+    """A consumer's weight as ``(out, in, *kernel)`` (the group's channels along dim 1): as it is for linear
+    layers and convolutions, transposed for a 2-D weight that holds them along dim 0 (Hugging Face's
+    ``Conv1D``, ``x @ W``); None for the others (grouped convolutions, biases, norm parameters)."""
+    if s.role != "consumer" or not s.is_feature or type(s) is not ChannelSlice:
+        return None
+    weight = s.tensor.detach()
+    if s.dim == 1:
+        return weight
+    return weight.T if s.dim == 0 and weight.dim() == 2 else None
+
+
 @dataclass
 class ColumnUpdate:
     """What linear compensation adds to one consumer weight: ``weight_delta`` (``(out, len(positions),
-    *kernel)``) to the input columns ``positions`` (those of the kept channels), ``bias_delta`` (``(out,)``)
-    to the bias, if the layer has one."""
+    *kernel)``) to the input columns ``positions`` (those of the kept channels; along dim 0 of the stored
+    weight where it is ``transposed``), ``bias_delta`` (``(out,)``) to the bias, if the layer has one."""
 
     positions: Tensor
     weight_delta: Tensor
     bias_delta: Optional[Tensor]
+    transposed: bool = False
 
 
 def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[str, InputStatistics], lost: Tensor,
@@ -163,8 +179,8 @@ def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[st
         return updates
     for s in slices:
         stats = statistics.get(s.key)
-        if (s.role != "consumer" or not s.is_feature or s.dim != 1 or type(s) is not ChannelSlice or stats is None
-                or stats.second_moment is None):
+        weight = consumer_weight(s)
+        if weight is None or stats is None or stats.second_moment is None:
             continue
         moment, mean = stats.second_moment, stats.mean
         if stats.has_bias:  # centred per position: the intercepts go to the bias
@@ -181,7 +197,6 @@ def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[st
         scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
         regularised = gram + ridge * scale * torch.eye(len(staying), dtype=gram.dtype, device=gram.device)
         coefficients = torch.linalg.solve(regularised, cross.T).T  # (removed, kept) channels
-        weight = s.tensor.detach()
         columns = weight.index_select(1, removed.reshape(-1).to(weight.device)).double()
         columns = columns.reshape(weight.shape[0], len(removed), c, *weight.shape[2:])
         columns = columns * lost[lost_channels].to(columns).reshape(1, -1, *([1] * (columns.dim() - 2)))
@@ -191,5 +206,5 @@ def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[st
         if stats.has_bias:
             intercepts = mean[removed].to(columns.device) - coefficients @ mean[staying].to(columns.device)  # (r, c)
             bias_delta = torch.einsum("orp...,rp->o", columns, intercepts)
-        updates[s.key] = ColumnUpdate(staying.reshape(-1), delta, bias_delta)
+        updates[s.key] = ColumnUpdate(staying.reshape(-1), delta, bias_delta, transposed=s.dim == 0)
     return updates

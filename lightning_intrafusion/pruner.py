@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm, tracking_batchnorms
 from lightning_intrafusion.compensation import (COMPENSATIONS, LINEAR_MAX_WIDTH, ColumnUpdate, InputStatistics,
-                                                consumer_input_statistics, lost_linear_compensation, lost_mean_shifts)
+                                                consumer_input_statistics, consumer_weight, lost_linear_compensation,
+                                                lost_mean_shifts)
 from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import eager
 from lightning_intrafusion.forward_check import ForwardBrokenError, Signature, check_still_runs, forward_signature
@@ -267,8 +268,8 @@ class _Step:
         model as it is before anything is pruned."""
         if self.calibration is None or self.compensation not in ("linear", "mean"):
             return {}
-        consumers = {s.key: s.tensor.shape[1] for g in groups for s in g.slices
-                     if s.role == "consumer" and s.is_feature and s.dim == 1}
+        consumers = {s.key: weight.shape[1] for g in groups for s in g.slices
+                     for weight in [consumer_weight(s)] if weight is not None}
         missing = set(consumers) - set(self.statistics)
         if missing:
             second = {k for k in missing if self.compensation == "linear" and consumers[k] <= LINEAR_MAX_WIDTH}
@@ -427,8 +428,11 @@ def _update_columns(model: nn.Module, updates: Mapping[str, ColumnUpdate]) -> No
     never writing into the old storage)."""
     for key, update in updates.items():
         weight = model.get_parameter(key)
-        weight.data = weight.data.index_add(1, update.positions.to(weight.device),
-                                            update.weight_delta.to(device=weight.device, dtype=weight.dtype))
+        delta = update.weight_delta.to(device=weight.device, dtype=weight.dtype)
+        if update.transposed:  # stored (in, out): x @ W
+            weight.data = weight.data.index_add(0, update.positions.to(weight.device), delta.T)
+        else:
+            weight.data = weight.data.index_add(1, update.positions.to(weight.device), delta)
         if update.bias_delta is not None:
             _shift_biases(model, {key: update.bias_delta})
 

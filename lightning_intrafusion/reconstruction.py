@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from lightning_intrafusion.execution import call_model, preserved_modes
+from lightning_intrafusion.surgery import transposed_linear_types
 
 RIDGE = 1e-3  # relative to the mean diagonal of the features' Gram matrix, as linear compensation
 MAX_FEATURES = 8192  # widest input (channels x kernel size) refit; wider layers keep what the step gave them
@@ -28,19 +29,27 @@ MIN_ROWS = 64  # per layer and batch, whatever the budget
 
 
 def refittable(module: nn.Module) -> bool:
-    """A linear layer, or a 2-D convolution with one group and zero padding."""
-    if isinstance(module, nn.Linear):
+    """A linear layer (also Hugging Face's ``Conv1D``), or a 2-D convolution with one group and zero padding."""
+    if isinstance(module, (nn.Linear,) + transposed_linear_types()):
         return True
     return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
 
+def _transposed(layer: nn.Module) -> bool:
+    return isinstance(layer, transposed_linear_types())  # weight stored (in, out): x @ W
+
+
 def _features(layer: nn.Module) -> int:
-    return layer.weight[0].numel()
+    return layer.weight.shape[0] if _transposed(layer) else layer.weight[0].numel()
+
+
+def _outputs(layer: nn.Module) -> int:
+    return layer.weight.shape[1] if _transposed(layer) else layer.weight.shape[0]
 
 
 def row_limit(layers: Sequence[nn.Module], batches: int) -> int:
     """Rows kept per layer and batch so that all of them fit :data:`MAX_STORED` (at most :data:`MAX_ROWS`)."""
-    widths = sum(layer.weight.shape[0] for layer in layers) * max(1, batches)
+    widths = sum(_outputs(layer) for layer in layers) * max(1, batches)
     return max(MIN_ROWS, min(MAX_ROWS, MAX_STORED // max(1, widths)))
 
 
@@ -97,7 +106,10 @@ def refit_layers(model: nn.Module, batches: Sequence[Any], targets: Dict[str, Li
             layer = model.get_submodule(name)
             if not refittable(layer) or _features(layer) > MAX_FEATURES or len(wanted) != len(batches):
                 continue
-            if _refit(model, layer, name, batches, wanted, kept_outputs.get(name), ridge):
+            kept = kept_outputs.get(name)
+            if (wanted[0].shape[1] if kept is None else len(kept)) != _outputs(layer):
+                continue  # outputs removed in a way the removals do not say per layer (packed attention heads)
+            if _refit(model, layer, name, batches, wanted, kept, ridge):
                 done.append(name)
     return done
 
@@ -138,13 +150,15 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
     regulariser.diagonal()[:n] = ridge * gram.diagonal()[:n].mean().clamp_min(torch.finfo(gram.dtype).tiny)
     # ridge toward the weights the step left (not toward zero): directions the calibration inputs do not
     # explore keep them, and a layer whose outputs are already right stays as it is
-    prior = layer.weight.detach().reshape(layer.weight.shape[0], -1).T.to(gram)
+    weight = layer.weight.detach()
+    prior = (weight if _transposed(layer) else weight.reshape(weight.shape[0], -1).T).to(gram)
     if layer.bias is not None:
         prior = torch.cat([prior, layer.bias.detach().to(gram)[None, :]], 0)
     solution = torch.linalg.solve(gram + regulariser, cross + regulariser @ prior)  # (features [+ 1], outputs)
     if not torch.isfinite(solution).all():
         raise ValueError(f"refitting layer {name!r} on calibration_data gave non-finite weights")
-    layer.weight.data = solution[:n].T.reshape(layer.weight.shape).to(layer.weight)
+    fitted = solution[:n] if _transposed(layer) else solution[:n].T.reshape(layer.weight.shape)
+    layer.weight.data = fitted.to(layer.weight)
     if layer.bias is not None:
         layer.bias.data = solution[n].to(layer.bias)
     return True

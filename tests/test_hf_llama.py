@@ -84,10 +84,10 @@ def test_one_call_prunes_heads_mlps_and_hidden_width(family, kv_heads):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_linear_compensation_serves_bias_free_projections(kv_heads):
+def test_linear_compensation_and_refit_serve_bias_free_projections(kv_heads):
     """LLaMA's projections have no bias: linear compensation regresses removed heads and neurons on the kept
-    ones without an intercept (mean compensation has nothing to carry it), and the pruned model's logits on
-    held-out tokens come closer to the unpruned model's."""
+    ones without an intercept (mean compensation has nothing to carry it), the refit solves without one, and
+    the pruned model's logits on held-out tokens come closer to the unpruned model's."""
     model, inputs = _llama(kv_heads)
     batches = [{"input_ids": torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(i)), "use_cache": False}
                for i in range(8)]
@@ -95,9 +95,9 @@ def test_linear_compensation_serves_bias_free_projections(kv_heads):
     with torch.no_grad():
         expected = model(**held_out).logits
     errors = {}
-    for compensation in ("linear", "none"):
+    for compensation in ("linear", "refit", "none"):
         pruned = copy.deepcopy(model)
         prune(pruned, inputs, 0.5, calibration_data=batches, compensation=compensation, on_unsupported="skip")
         with torch.no_grad():
             errors[compensation] = ((pruned(**held_out).logits - expected).norm() / expected.norm()).item()
-    assert errors["linear"] < 0.9 * errors["none"], errors
+    assert errors["linear"] < 0.9 * errors["none"] and errors["refit"] < 0.9 * errors["none"], errors
