@@ -7,7 +7,8 @@ which per-layer compensation from the unpruned model's statistics cannot (:mod:`
 The unpruned layers' outputs on the calibration batches are recorded before the step and kept in memory as
 rows (one per sample and token or pixel), at most :data:`MAX_ROWS` evenly spaced rows per layer and batch and at
 most :data:`MAX_STORED` values in all (fewer rows per batch for more or wider layers); the refit uses the same
-rows of the inputs and takes one pass over the batches per layer, each stopped at that layer.
+rows of the inputs and takes one pass over the batches per layer, each stopped at that layer. A layer's refit
+is kept only if, fitted on every other batch, it predicts the remaining ones better than the step's weights.
 """
 
 from __future__ import annotations
@@ -116,8 +117,9 @@ def refit_layers(model: nn.Module, batches: Sequence[Any], targets: Dict[str, Li
 
 def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any], wanted: Sequence[Tensor],
            kept: Optional[Tensor], ridge: float) -> bool:
-    gram: Any = 0.0
-    cross: Any = 0.0
+    """Refit one layer; kept only if, fitted on every other batch, it predicts the remaining batches better
+    than the weights the step left (a refit that only fits its own samples would make the model worse)."""
+    moments = [_Moments(), _Moments()]  # even and odd batches
     inputs: List[Tensor] = []
 
     def capture(module: nn.Module, args: Any) -> None:
@@ -126,7 +128,7 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
 
     handle = layer.register_forward_pre_hook(capture)
     try:
-        for batch, target in zip(batches, wanted):
+        for index, (batch, target) in enumerate(zip(batches, wanted)):
             inputs.clear()
             try:
                 call_model(model, batch)
@@ -140,21 +142,25 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
                 x = x[picked.to(x.device)]
             if layer.bias is not None:
                 x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-            gram = gram + x.T @ x
             y = target if kept is None else target[:, kept.to(target.device)]
-            cross = cross + x.T @ y.to(x)
+            moments[index % 2].add(x, y.to(x))
     finally:
         handle.remove()
-    n = _features(layer)
-    regulariser = torch.zeros_like(gram)
-    regulariser.diagonal()[:n] = ridge * gram.diagonal()[:n].mean().clamp_min(torch.finfo(gram.dtype).tiny)
-    # ridge toward the weights the step left (not toward zero): directions the calibration inputs do not
-    # explore keep them, and a layer whose outputs are already right stays as it is
     weight = layer.weight.detach()
-    prior = (weight if _transposed(layer) else weight.reshape(weight.shape[0], -1).T).to(gram)
+    prior = (weight if _transposed(layer) else weight.reshape(weight.shape[0], -1).T).to(moments[0].gram)
     if layer.bias is not None:
-        prior = torch.cat([prior, layer.bias.detach().to(gram)[None, :]], 0)
-    solution = torch.linalg.solve(gram + regulariser, cross + regulariser @ prior)  # (features [+ 1], outputs)
+        prior = torch.cat([prior, layer.bias.detach().to(prior)[None, :]], 0)
+    n = _features(layer)
+    if moments[1].count:  # held-out check: fit on the even batches, compare on the odd ones
+        trial = _solve(moments[0], prior, n, ridge)
+        if moments[1].error(trial) >= moments[1].error(prior):
+            return False
+        both = _Moments()
+        both.gram, both.cross, both.count = (moments[0].gram + moments[1].gram, moments[0].cross + moments[1].cross,
+                                             moments[0].count + moments[1].count)
+        solution = _solve(both, prior, n, ridge)
+    else:
+        solution = _solve(moments[0], prior, n, ridge)
     if not torch.isfinite(solution).all():
         raise ValueError(f"refitting layer {name!r} on calibration_data gave non-finite weights")
     fitted = solution[:n] if _transposed(layer) else solution[:n].T.reshape(layer.weight.shape)
@@ -162,6 +168,35 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
     if layer.bias is not None:
         layer.bias.data = solution[n].to(layer.bias)
     return True
+
+
+class _Moments:
+    """``X^T X``, ``X^T Y`` and ``sum |Y|^2`` of rows of features ``X`` and targets ``Y``."""
+
+    def __init__(self) -> None:
+        self.gram: Any = 0.0
+        self.cross: Any = 0.0
+        self.squares = 0.0
+        self.count = 0
+
+    def add(self, x: Tensor, y: Tensor) -> None:
+        self.gram = self.gram + x.T @ x
+        self.cross = self.cross + x.T @ y
+        self.squares += float(y.pow(2).sum())
+        self.count += len(x)
+
+    def error(self, w: Tensor) -> float:
+        """``sum |Y - X w|^2`` from the moments."""
+        return self.squares - 2 * float((w * self.cross).sum()) + float((w * (self.gram @ w)).sum())
+
+
+def _solve(moments: _Moments, prior: Tensor, n: int, ridge: float) -> Tensor:
+    """Least squares with a ridge (``ridge`` x the mean diagonal over the ``n`` features; none on a bias
+    column) toward ``prior``: directions the calibration inputs do not explore keep the step's weights."""
+    gram = moments.gram
+    regulariser = torch.zeros_like(gram)
+    regulariser.diagonal()[:n] = ridge * gram.diagonal()[:n].mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    return torch.linalg.solve(gram + regulariser, moments.cross + regulariser @ prior)  # (features [+ 1], outputs)
 
 
 class _Captured(Exception):

@@ -115,3 +115,15 @@ def test_stored_rows_are_capped_and_the_refit_uses_the_same_rows(monkeypatch):
     # under this budget the conv net below keeps 64 (MIN_ROWS) of the 1024 rows of each batch, and its refit still
     # restores the kept outputs
     test_refit_of_convolutions_reproduces_the_kept_outputs()
+
+
+def test_a_refit_that_only_fits_its_own_samples_is_not_kept():
+    """Four calibration samples for 33 unknowns per output: fitted on half the batches, a refit predicts the
+    others worse than the step's weights, so the layer keeps them (and the step equals no repair)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
+    tiny = [torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    refit, plain = copy.deepcopy(model), copy.deepcopy(model)
+    prune(refit, X, 0.5, method="default", calibration_data=tiny, compensation="refit")
+    prune(plain, X, 0.5, method="default")
+    assert_same_state(state(plain), state(refit))
