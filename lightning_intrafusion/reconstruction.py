@@ -1,8 +1,9 @@
 """Layer-wise reconstruction with calibration data: after a pruning step, every pruned linear layer and
 convolution is refit, in the order the forward pass calls them, to reproduce what the unpruned layer computed
 (its kept outputs) from the inputs it now actually receives (least squares over the layer's input features,
-im2col patches for a convolution, with a ridge toward the weights the step left). Each layer thereby also corrects what the layers before it lost,
-which per-layer compensation from the unpruned model's statistics cannot (:mod:`~lightning_intrafusion.compensation`).
+im2col patches for a convolution, with a ridge toward the weights the step left). Each layer thereby also
+corrects what the layers before it lost, which per-layer compensation from the unpruned model's statistics
+cannot (:mod:`~lightning_intrafusion.compensation`).
 
 The unpruned layers' outputs on the calibration batches are recorded before the step and kept in memory as
 rows (one per sample and token or pixel), at most :data:`MAX_ROWS` evenly spaced rows per layer and batch and at
@@ -96,10 +97,10 @@ def record_outputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str
 def refit_layers(model: nn.Module, batches: Sequence[Any], targets: Dict[str, List[Tensor]],
                  kept_outputs: Dict[str, Tensor], ridge: float = RIDGE) -> List[str]:
     """Refit the layers of ``targets`` (unpruned output rows per batch from :func:`record_outputs`, in call
-    order) one after the other: each
-    from its inputs in ``model`` as it is by then, to the unpruned outputs at ``kept_outputs[name]`` (all
-    outputs where absent). Returns the names refit (layers that never ran or are too wide are left). The
-    model runs in eval mode; modes are restored."""
+    order) one after the other, each from its inputs in ``model`` as it is by then to the unpruned outputs at
+    ``kept_outputs[name]`` (all outputs where absent). Returns the names refit (layers that never ran, are too
+    wide or whose refit did not hold on held-out batches are left). The model runs in eval mode; modes are
+    restored."""
     done = []
     with preserved_modes(model):
         model.eval()
@@ -155,10 +156,7 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
         trial = _solve(moments[0], prior, n, ridge)
         if moments[1].error(trial) >= moments[1].error(prior):
             return False
-        both = _Moments()
-        both.gram, both.cross, both.count = (moments[0].gram + moments[1].gram, moments[0].cross + moments[1].cross,
-                                             moments[0].count + moments[1].count)
-        solution = _solve(both, prior, n, ridge)
+        solution = _solve(moments[0] + moments[1], prior, n, ridge)
     else:
         solution = _solve(moments[0], prior, n, ridge)
     if not torch.isfinite(solution).all():
@@ -184,6 +182,12 @@ class _Moments:
         self.cross = self.cross + x.T @ y
         self.squares += float(y.pow(2).sum())
         self.count += len(x)
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        total = _Moments()
+        total.gram, total.cross = self.gram + other.gram, self.cross + other.cross
+        total.squares, total.count = self.squares + other.squares, self.count + other.count
+        return total
 
     def error(self, w: Tensor) -> float:
         """``sum |Y - X w|^2`` from the moments."""
