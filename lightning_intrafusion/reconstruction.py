@@ -14,7 +14,7 @@ is kept only if, fitted on every other batch, it predicts the remaining ones bet
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,20 @@ def _features(layer: nn.Module) -> int:
     return layer.weight.shape[0] if _transposed(layer) else layer.weight[0].numel()
 
 
+def _observed(model: nn.Module, name: str) -> Tuple[nn.Module, bool]:
+    """The module whose call shows the named layer at work, and whether it is the ``nn.MultiheadAttention`` that
+    applies it as its output projection without calling it (then its output is the projection's)."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if leaf == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        return parent, True
+    return model.get_submodule(name), False
+
+
+def _attention_output(output: Any) -> Optional[Tensor]:
+    return output[0] if isinstance(output, tuple) else output if isinstance(output, Tensor) else None
+
+
 def _outputs(layer: nn.Module) -> int:
     return layer.weight.shape[1] if _transposed(layer) else layer.weight.shape[0]
 
@@ -72,16 +86,20 @@ def record_outputs(model: nn.Module, batches: Sequence[Any], names: Sequence[str
     if limit is None:
         limit = row_limit([model.get_submodule(name) for name in names], len(batches))
 
-    def hook(name: str):
+    def hook(name: str, layer: nn.Module, attention: bool):
         def record(module: nn.Module, args: Any, output: Any) -> None:
+            output = _attention_output(output) if attention else output
             if isinstance(output, Tensor) and len(outputs.setdefault(name, [])) == current[0]:
-                rows = _rows(module, output.detach())
+                rows = _rows(layer, output.detach())
                 picked = rows_kept(len(rows), limit)
                 outputs[name].append((rows if picked is None else rows[picked.to(rows.device)]).float())
         return record
 
     current = [0]
-    hooks = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    hooks = []
+    for name in names:
+        observed, attention = _observed(model, name)
+        hooks.append(observed.register_forward_hook(hook(name, model.get_submodule(name), attention)))
     try:
         with preserved_modes(model):
             model.eval()
@@ -122,12 +140,27 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
     than the weights the step left (a refit that only fits its own samples would make the model worse)."""
     moments = [_Moments(), _Moments()]  # even and odd batches
     inputs: List[Tensor] = []
+    observed, attention = _observed(model, name)
 
     def capture(module: nn.Module, args: Any) -> None:
         inputs.append(args[0].detach())
         raise _Captured  # the rest of the forward pass is not needed
 
-    handle = layer.register_forward_pre_hook(capture)
+    def capture_projected(module: nn.Module, args: Any, output: Any) -> None:
+        # the projection's input, solved from the attention's output: y = x W^T + b, W of full column rank
+        y = _attention_output(output).detach().double()
+        weight = layer.weight.detach().double()
+        if layer.bias is not None:
+            y = y - layer.bias.detach().double()
+        inputs.append(y @ torch.linalg.pinv(weight).T)
+        raise _Captured
+
+    if attention:
+        if torch.linalg.matrix_rank(layer.weight.detach().double()) < layer.weight.shape[1]:
+            return False
+        handle = observed.register_forward_hook(capture_projected)
+    else:
+        handle = layer.register_forward_pre_hook(capture)
     try:
         for index, (batch, target) in enumerate(zip(batches, wanted)):
             inputs.clear()

@@ -127,3 +127,29 @@ def test_a_refit_that_only_fits_its_own_samples_is_not_kept():
     prune(refit, X, 0.5, method="default", calibration_data=tiny, compensation="refit")
     prune(plain, X, 0.5, method="default")
     assert_same_state(state(plain), state(refit))
+
+
+def test_the_output_projection_of_nn_multihead_attention_is_refit_through_the_module_output():
+    """nn.MultiheadAttention applies out_proj without calling it: the refit records the module's output and
+    solves the projection's input from it. Heads 1 and 3 attend like heads 0 and 2 with half their values,
+    so their removal is undone exactly (to the ridge)."""
+    from lightning_intrafusion.models import SmallTransformer
+
+    torch.manual_seed(0)
+    model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            attn, hd = block.attn, 8
+            for kept, removed in ((0, 1), (2, 3)):
+                k, r = slice(kept * hd, (kept + 1) * hd), slice(removed * hd, (removed + 1) * hd)
+                for weights in (attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)):
+                    for section, factor in zip(weights, (1.0, 1.0, 0.5)):
+                        section[r] = factor * section[k]
+                attn.out_proj.weight[:, r] *= 0.5  # ranked last by L1
+    errors = {}
+    for compensation in ("refit", "none"):
+        pruned = copy.deepcopy(model)
+        prune(pruned, X, 0.5, method="default", include=["*.attn"], calibration_data=BATCHES, compensation=compensation)
+        assert all(b.attn.num_heads == 2 for b in pruned.blocks)
+        errors[compensation] = _error(model, pruned)
+    assert errors["refit"] < 2e-2 * errors["none"], errors
