@@ -53,6 +53,16 @@ class InputStatistics:
     has_bias: bool = True
 
 
+def output_inverse(projection: nn.Linear) -> Optional[Tensor]:
+    """``W^+`` (double precision) of a linear projection ``y = W x + b`` whose weight has full column rank, so
+    that its input is determined by its output: ``x = W^+ (y - b)``; None where the output does not
+    determine the input. For layers applied without being called (``nn.MultiheadAttention``'s ``out_proj``)."""
+    weight = projection.weight.detach().double()
+    if torch.linalg.matrix_rank(weight) < weight.shape[1]:
+        return None
+    return torch.linalg.pinv(weight)
+
+
 @torch.no_grad()
 def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int] = None,
                               keys: Optional[Collection[str]] = None,
@@ -107,10 +117,9 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
         seen = moments.get(key + ".output")
         if seen is None or key in stats:  # never ran, or its projection was called as a layer (and seen)
             continue
-        weight = module.out_proj.weight.detach().double()
-        if torch.linalg.matrix_rank(weight) < weight.shape[1]:
-            continue  # the output does not determine the input
-        inverse = torch.linalg.pinv(weight)
+        inverse = output_inverse(module.out_proj)
+        if inverse is None:
+            continue
         bias = module.out_proj.bias.detach().double() if has_bias[key] else torch.zeros_like(seen.mean())
         mean = inverse @ (seen.mean() - bias)
         second = None

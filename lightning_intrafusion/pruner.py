@@ -257,9 +257,9 @@ class _Step:
         missing = names - set(self.outputs)
         if missing:
             self.log(f"recording the outputs of {len(missing)} layer(s) on the calibration data")
-            self.outputs.update(record_outputs(model, self.calibration[0], sorted(missing)))
-            order = record_outputs(model, self.calibration[0][:1], sorted(self.outputs), limit=1)  # call order
-            self.outputs = {name: self.outputs[name] for name in order}
+            # one pass over every layer asked for so far keeps them all in call order (later runs of the step
+            # ask for subsets: the model is unpruned again, and the recordings still hold)
+            self.outputs = record_outputs(model, self.calibration[0], sorted(names | set(self.outputs)))
         return {name: self.outputs[name] for name in self.outputs if name in names}
 
     def consumer_statistics(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, InputStatistics]:

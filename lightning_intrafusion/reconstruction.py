@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from lightning_intrafusion.compensation import output_inverse
 from lightning_intrafusion.execution import call_model, preserved_modes
 from lightning_intrafusion.surgery import transposed_linear_types
 
@@ -147,16 +148,16 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
         raise _Captured  # the rest of the forward pass is not needed
 
     def capture_projected(module: nn.Module, args: Any, output: Any) -> None:
-        # the projection's input, solved from the attention's output: y = x W^T + b, W of full column rank
+        # the projection's input, solved from the attention's output: x = W^+ (y - b)
         y = _attention_output(output).detach().double()
-        weight = layer.weight.detach().double()
         if layer.bias is not None:
             y = y - layer.bias.detach().double()
-        inputs.append(y @ torch.linalg.pinv(weight).T)
+        inputs.append(y @ inverse.T)
         raise _Captured
 
     if attention:
-        if torch.linalg.matrix_rank(layer.weight.detach().double()) < layer.weight.shape[1]:
+        inverse = output_inverse(layer)
+        if inverse is None:
             return False
         handle = observed.register_forward_hook(capture_projected)
     else:
