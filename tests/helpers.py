@@ -201,3 +201,27 @@ class HeadCountNet(nn.Module):
     def forward(self, x):
         tokens = self.embed(x.reshape(x.shape[0], 8, 8))
         return self.fc((tokens + self.attn(tokens)).mean(1))
+
+
+@torch.no_grad()
+def halve_odd_rows(layer: nn.Module) -> None:
+    """Odd output units become half the even ones before them (weights and bias): after a ReLU, positively
+    homogeneous, they output exactly half of what their even neighbours do; L1 ranks them last."""
+    layer.weight[1::2] = 0.5 * layer.weight[0::2]
+    layer.bias[1::2] = 0.5 * layer.bias[0::2]
+
+
+@torch.no_grad()
+def halve_odd_heads(model: nn.Module, head_dim: int = 8) -> None:
+    """In every ``nn.MultiheadAttention`` of a 4-head SmallTransformer, heads 1 and 3 attend like heads 0 and 2
+    (same query/key rows) with half their values, so they output exactly half of what heads 0 and 2 do; their
+    output-projection columns are halved too, so L1 ranks them last (and the projection keeps full rank)."""
+    for block in model.blocks:
+        attn = block.attn
+        for kept, removed in ((0, 1), (2, 3)):
+            k, r = slice(kept * head_dim, (kept + 1) * head_dim), slice(removed * head_dim, (removed + 1) * head_dim)
+            for weights in (attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)):
+                for section, factor in zip(weights, (1.0, 1.0, 0.5)):
+                    section[r] = factor * section[k]
+            attn.out_proj.weight[:, r] *= 0.5
+

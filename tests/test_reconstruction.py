@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import lightning_intrafusion.pruner as pruner
-from helpers import EvenUnitsFirst, assert_same_state, state
+from helpers import EvenUnitsFirst, assert_same_state, halve_odd_heads, halve_odd_rows, state
 from lightning_intrafusion import prune
 from lightning_intrafusion.reconstruction import record_outputs
 
@@ -21,12 +21,6 @@ def _error(model, pruned):
         return (pruned(X) - model(X)).abs().max().item()
 
 
-def _halve_odd_rows(layer):
-    with torch.no_grad():
-        layer.weight[1::2] = 0.5 * layer.weight[0::2]
-        layer.bias[1::2] = 0.5 * layer.bias[0::2]
-
-
 @pytest.mark.parametrize("method", ["default", "intrafusion"])
 def test_refit_restores_removed_multiples_of_kept_neurons_through_two_pruned_groups(method):
     """Both hidden layers lose their odd neurons, each half of an even one (ReLU is positively homogeneous):
@@ -34,8 +28,8 @@ def test_refit_restores_removed_multiples_of_kept_neurons_through_two_pruned_gro
     order reproduces the outputs (to the ridge's shrinkage); plain removal does not."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10)).eval()
-    _halve_odd_rows(model[1])
-    _halve_odd_rows(model[3])
+    halve_odd_rows(model[1])
+    halve_odd_rows(model[3])
     errors = {}
     for compensation in ("refit", "none"):
         pruned = copy.deepcopy(model)
@@ -49,7 +43,7 @@ def test_refit_of_convolutions_reproduces_the_kept_outputs():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(6 * 64, 10)).eval()
-    _halve_odd_rows(model[0])
+    halve_odd_rows(model[0])
     pruned, plain = copy.deepcopy(model), copy.deepcopy(model)
     prune(pruned, X, 0.5, method="default", include=["0"], importance=EvenUnitsFirst(), calibration_data=BATCHES,
           compensation="refit")
@@ -137,15 +131,7 @@ def test_the_output_projection_of_nn_multihead_attention_is_refit_through_the_mo
 
     torch.manual_seed(0)
     model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
-    with torch.no_grad():
-        for block in model.blocks:
-            attn, hd = block.attn, 8
-            for kept, removed in ((0, 1), (2, 3)):
-                k, r = slice(kept * hd, (kept + 1) * hd), slice(removed * hd, (removed + 1) * hd)
-                for weights in (attn.in_proj_weight.chunk(3), attn.in_proj_bias.chunk(3)):
-                    for section, factor in zip(weights, (1.0, 1.0, 0.5)):
-                        section[r] = factor * section[k]
-                attn.out_proj.weight[:, r] *= 0.5  # ranked last by L1
+    halve_odd_heads(model)
     errors = {}
     for compensation in ("refit", "none"):
         pruned = copy.deepcopy(model)
