@@ -4,6 +4,7 @@ compensation, for every method alike) and with synthetic BN recalibration; no fi
 
     python benchmarks/oneshot.py            # full table (trains and caches 10 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost (the BatchNorm groups' discard cost)
+    python benchmarks/oneshot.py --sweep-without-bn   # also sweep OTConfig.max_cost_without_bn (groups without BN)
     python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
     python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates)
     python benchmarks/oneshot.py --ablations   # each OTConfig choice of our defaults against its alternative
@@ -130,6 +131,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=10, help="independently trained models per architecture")
     parser.add_argument("--sweep", action="store_true", help="sweep max_cost (the BatchNorm groups' discard cost) around our default")
+    parser.add_argument("--sweep-without-bn", action="store_true",
+                        help="sweep max_cost_without_bn (the discard distance of groups without BatchNorm)")
     parser.add_argument("--parts", action="store_true", help="also prune the transformers' MLP neurons and heads separately")
     parser.add_argument("--ablations", action="store_true", help="each OTConfig default against its alternative")
     parser.add_argument("--extra", action="store_true", help="also MobileNetV2-style nets (not in the issue's set)")
@@ -175,6 +178,8 @@ def main() -> None:
     summarize(results)
     if args.sweep:
         sweep(train_set, test_set, seeds)
+    if args.sweep_without_bn:
+        sweep_without_bn(train_set, test_set, seeds)
     if args.parts:
         parts(train_set, test_set, seeds, args.max_cost)
     if args.ablations:
@@ -324,6 +329,31 @@ def sweep(train_set, test_set, seeds) -> None:
                 rows["merged"].append(f"{merged / max(removed, 1):.0%}")
             for data, cells in rows.items():
                 print(f"| {name} | {s:.0%} | {data} | " + " | ".join(cells) + " |")
+
+
+# --sweep-without-bn: the absolute discard distance of groups without BatchNorm (None: like BatchNorm groups)
+SWEEP_WITHOUT_BN = (1.0, 1.1, 1.2, 1.3, 1.4, None)
+
+
+def sweep_without_bn(train_set, test_set, seeds) -> None:
+    """Mean accuracy without data of our defaults with ``max_cost_without_bn`` varied, next to plain pruning,
+    on the issue's architectures that have groups without BatchNorm (the transformers' MLP neurons, VGG's
+    hidden classifier layer; the ResNet has none), and the paired difference to plain pruning."""
+    print(f"\nSweep of OTConfig.max_cost_without_bn without data (mean accuracy over {len(seeds)} models; "
+          "in brackets: paired difference to plain pruning)\n")
+    print("| model | sparsity | default | " + " | ".join(f"{c}" for c in SWEEP_WITHOUT_BN) + " |")
+    print("|---|---|---|" + "---|" * len(SWEEP_WITHOUT_BN))
+    for name in [n for n in MODELS if n not in EXTRA and n != "resnet"]:
+        models = [trained(name, train_set, seed) for seed in seeds]
+        for s in SPARSITIES:
+            plain = [run_cell(m, name, s, dict(method="default"), train_set, test_set, False)[0] for m in models]
+            cells = []
+            for c in SWEEP_WITHOUT_BN:
+                accs = [run_cell(m, name, s, dict(ot_config=OTConfig(max_cost_without_bn=c)), train_set, test_set, False)[0]
+                        for m in models]
+                d = torch.tensor(accs) - torch.tensor(plain)
+                cells.append(f"{_mean(accs):.1f} ({d.mean():+.1f})")
+            print(f"| {name} | {s:.0%} | {_mean(plain):.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 def refit(train_set, test_set, seeds, results) -> None:

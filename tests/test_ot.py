@@ -78,9 +78,9 @@ def test_sinkhorn_approximates_exact_transport():
 
 
 def test_compensated_means_tighten_the_threshold_of_groups_without_batchnorm():
-    assert OTConfig().resolved(recalibrated=False).max_cost_without_bn == 1.2
+    assert OTConfig().resolved(recalibrated=False).max_cost_without_bn == 1.3
     assert OTConfig().resolved(recalibrated=False, compensated=True).max_cost_without_bn == 0.9
-    assert OTConfig(max_cost_without_bn_compensated=None).resolved(False, compensated=True).max_cost_without_bn == 1.2
+    assert OTConfig(max_cost_without_bn_compensated=None).resolved(False, compensated=True).max_cost_without_bn == 1.3
     assert OTConfig(max_cost_without_bn=None).resolved(False, compensated=True).max_cost_without_bn is None
     # linear compensation: near-duplicates only, in every group, with exact plans
     regressed = OTConfig().resolved(True, compensated=True, regressed=True)

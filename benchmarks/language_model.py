@@ -1,0 +1,221 @@
+"""One-shot pruning of a small Hugging Face LLaMA trained on real text: Python's own standard library.
+
+Nothing is downloaded: the text is the ``.py`` sources of the interpreter's standard library (about 4.7 MB
+of bytes; every 8th file held out), the model a byte-level ``LlamaForCausalLM`` built from a config (hidden
+128, SwiGLU MLP 512, 4 layers, 8 query heads in 4 key/value groups: 1.2M parameters), trained on the CPU
+and cached in ``benchmarks/.cache`` (about 6 minutes per model on 2 cores). Its MLP neurons and attention
+heads (in units of a key/value group) are pruned one-shot at 30/50/70%, without fine-tuning, with plain
+pruning, Intra-Fusion (paper preset) and Intra-Fusion (our defaults), each without data and with 8
+training batches as ``calibration_data`` (linear compensation, the default; and the layer-wise refit).
+The figure is the held-out loss in bits per byte (lower is better; the unpruned models' is the first row).
+
+    python benchmarks/language_model.py              # 3 models
+    python benchmarks/language_model.py --seeds 5
+    python benchmarks/language_model.py --parts      # also MLP neurons and heads pruned on their own, without data
+    python benchmarks/language_model.py --sweep      # also OTConfig.max_cost_without_bn varied, without data
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import math
+import os
+import sys
+import sysconfig
+from typing import List, Tuple
+
+import torch
+from torch.nn import functional as F
+
+from lightning_intrafusion import OTConfig, prune
+
+CACHE = os.path.join(os.path.dirname(__file__), ".cache")
+SPARSITIES = (0.3, 0.5, 0.7)
+SEQUENCE = 128
+SCOPE = {"include": ["*.mlp.up_proj", "*.self_attn.q_proj"]}  # MLP neurons and heads; the hidden width stays
+PARTS = {"MLP only": {"include": ["*.mlp.up_proj"]}, "heads only": {"include": ["*.self_attn.q_proj"]}}
+METHODS = {"default": dict(method="default"), "if-paper": dict(ot_config=OTConfig.paper()), "if-ours": {}}
+REPAIRS = {"no data": None, "+linear": "linear", "+refit": "refit"}
+
+
+def stdlib_text() -> Tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) byte streams of the standard library's top-level ``.py`` files, split by file."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    if len(files) < 50:
+        raise RuntimeError(f"expected the standard library's sources, found {len(files)} .py files")
+    parts = {True: [], False: []}
+    for i, path in enumerate(files):
+        with open(path, "rb") as f:
+            parts[i % 8 == 7].append(f.read())
+    to_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+    return to_tensor(parts[False]), to_tensor(parts[True])
+
+
+def build(seed: int):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=SEQUENCE, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def windows(stream: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(stream) - SEQUENCE, (count,), generator=generator)
+    return torch.stack([stream[s:s + SEQUENCE] for s in starts.tolist()])
+
+
+def train(model, text: torch.Tensor, seed: int, steps: int = 1500, batch: int = 32):
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
+    model.train()
+    for step in range(steps):
+        x = windows(text, batch, generator)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0:
+            print(f"  seed {seed} step {step}: {loss.item() / math.log(2):.3f} bits per byte", flush=True)
+    return model.eval()
+
+
+def trained(seed: int, text: torch.Tensor):
+    model = build(seed)
+    path = os.path.join(CACHE, f"llama_stdlib_seed{seed}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    os.makedirs(CACHE, exist_ok=True)
+    train(model, text, seed)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+@torch.no_grad()
+def bits_per_byte(model, batches: List[torch.Tensor]) -> float:
+    model.eval()
+    total = 0.0
+    for x in batches:
+        logits = model(input_ids=x, use_cache=False).logits
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item()
+    return total / len(batches) / math.log(2)
+
+
+def run_cell(model, sparsity, test, example, scope, method, data):
+    """Prune a copy of ``model``; its held-out bits per byte and the report."""
+    pruned = copy.deepcopy(model)
+    report = prune(pruned, example, sparsity, **scope, **method, **data)
+    return bits_per_byte(pruned, test), report
+
+
+def merged_share(reports) -> str:
+    """Share of the removed channels that were merged into a kept one (rather than dropped)."""
+    merged = sum(g.merged for r in reports for g in r.groups)
+    removed = sum(g.width_before - g.width_after for r in reports for g in r.groups)
+    return f"{merged / max(removed, 1):.0%}"
+
+
+def mean_std(values) -> str:
+    t = torch.tensor(values, dtype=torch.float64)
+    return f"{t.mean():.3f} ±{t.std():.3f}" if len(values) > 1 else f"{t.mean():.3f}"
+
+
+def paired(ours, theirs) -> str:
+    """Mean per-model difference (ours - theirs; negative: ours is better), its standard error, and on how
+    many models ours is at or below theirs."""
+    d = torch.tensor(ours, dtype=torch.float64) - torch.tensor(theirs, dtype=torch.float64)
+    se = d.std() / len(d) ** 0.5 if len(d) > 1 else torch.tensor(0.0)
+    return f"{d.mean():+.3f} ±{se:.3f} ({int((d <= 0).sum())}/{len(d)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=3, help="independently trained models")
+    parser.add_argument("--parts", action="store_true", help="also MLP neurons and heads on their own, without data")
+    parser.add_argument("--sweep", action="store_true", help="also max_cost_without_bn varied, without data")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    train_text, test_text = stdlib_text()
+    test = list(windows(test_text, 256, torch.Generator().manual_seed(1234)).split(32))
+    calibration = list(windows(train_text, 256, torch.Generator().manual_seed(99)).split(32))  # 8 batches of 32
+    example = {"input_ids": calibration[0][:2], "use_cache": False}
+    print(f"command: python benchmarks/language_model.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; standard library text: "
+          f"{len(train_text):,} train / {len(test_text):,} held-out bytes; held-out bits per byte (lower is better), "
+          f"mean ±std over {args.seeds} models; 256 held-out windows of {SEQUENCE} bytes\n")
+    models = [trained(seed, train_text) for seed in range(args.seeds)]
+    print("| sparsity | method | " + " | ".join(REPAIRS) + " | merged (no data) | params | seconds (no data / +linear / +refit) |")
+    print("|---|---|" + "---|" * len(REPAIRS) + "---|---|---|")
+    print(f"| 0% | dense | {mean_std([bits_per_byte(m, test) for m in models])} |" + " |" * (len(REPAIRS) + 2))
+    results = {}
+    for s in SPARSITIES:
+        for label, extra in METHODS.items():
+            cells, seconds = [], []
+            for repair, compensation in REPAIRS.items():
+                data = {} if compensation is None else dict(calibration_data=calibration, compensation=compensation)
+                runs = [run_cell(model, s, test, example, SCOPE, extra, data) for model in models]
+                results[s, label, repair] = [value for value, _ in runs]
+                cells.append(mean_std(results[s, label, repair]))
+                seconds.append(f"{sum(r.seconds for _, r in runs) / len(runs):.2f}")
+                if compensation is None:
+                    merged = merged_share([r for _, r in runs])
+            print(f"| {s:.0%} | {label} | " + " | ".join(cells) + f" | {merged} | {runs[0][1].params_after:,} | "
+                  f"{' / '.join(seconds)} |", flush=True)
+    print("\nPaired per model (if-ours minus the rival, bits per byte; negative: if-ours better; in how many models at or below):\n")
+    print("| sparsity | data | vs default | vs if-paper |")
+    print("|---|---|---|---|")
+    for s in SPARSITIES:
+        for repair in REPAIRS:
+            ours = results[s, "if-ours", repair]
+            print(f"| {s:.0%} | {repair} | {paired(ours, results[s, 'default', repair])} | "
+                  f"{paired(ours, results[s, 'if-paper', repair])} |")
+    if args.parts:
+        parts(models, test, example)
+    if args.sweep:
+        sweep(models, test, example)
+
+
+def parts(models, test, example) -> None:
+    """MLP neurons and heads pruned on their own, without data: where fusion gains or loses."""
+    print("\nEach kind of group on its own, without data (bits per byte, mean ±std; paired: if-ours minus default)\n")
+    print("| groups | sparsity | default | if-paper | if-ours | merged (if-ours) | if-ours - default (paired) |")
+    print("|---|---|---|---|---|---|---|")
+    for scope_name, scope in PARTS.items():
+        for s in SPARSITIES:
+            runs = {label: [run_cell(m, s, test, example, scope, extra, {}) for m in models] for label, extra in METHODS.items()}
+            values = {label: [v for v, _ in r] for label, r in runs.items()}
+            print(f"| {scope_name} | {s:.0%} | {mean_std(values['default'])} | {mean_std(values['if-paper'])} | "
+                  f"{mean_std(values['if-ours'])} | {merged_share([r for _, r in runs['if-ours']])} | "
+                  f"{paired(values['if-ours'], values['default'])} |", flush=True)
+
+
+SWEEP = (1.0, 1.1, 1.2, 1.3, 1.4, None)  # OTConfig.max_cost_without_bn (None: like BatchNorm groups)
+
+
+def sweep(models, test, example) -> None:
+    """Intra-Fusion (our defaults) without data with ``max_cost_without_bn`` varied: how far apart an MLP
+    neuron may be from a kept one and still be merged into it (heads have their own threshold)."""
+    print("\nSweep of OTConfig.max_cost_without_bn without data (bits per byte, mean over the models; "
+          "in brackets: share of removed channels merged)\n")
+    print("| groups | sparsity | default | " + " | ".join(f"{c}" for c in SWEEP) + " |")
+    print("|---|---|---|" + "---|" * len(SWEEP))
+    for scope_name, scope in {"MLP + heads": SCOPE, "MLP only": PARTS["MLP only"]}.items():
+        for s in SPARSITIES:
+            plain = [run_cell(m, s, test, example, scope, METHODS["default"], {})[0] for m in models]
+            cells = []
+            for c in SWEEP:
+                runs = [run_cell(m, s, test, example, scope, dict(ot_config=OTConfig(max_cost_without_bn=c)), {})
+                        for m in models]
+                cells.append(f"{sum(v for v, _ in runs) / len(runs):.3f} ({merged_share([r for _, r in runs])})")
+            print(f"| {scope_name} | {s:.0%} | {sum(plain) / len(plain):.3f} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
