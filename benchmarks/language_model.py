@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the text is the ``.py`` sources of the interpreter's standard library (about 4.7 MB
 of bytes; every 8th file held out), the model a byte-level ``LlamaForCausalLM`` built from a config (hidden
-128, SwiGLU MLP 512, 4 layers, 8 query heads in 4 key/value groups: 1.2M parameters), trained on the CPU
+128, SwiGLU MLP 512, 4 layers, 8 query heads in 4 key/value groups: 1.05M parameters), trained on the CPU
 and cached in ``benchmarks/.cache`` (about 6 minutes per model on 2 cores). Its MLP neurons and attention
 heads (in units of a key/value group) are pruned one-shot at 30/50/70%, without fine-tuning, with plain
 pruning, Intra-Fusion (paper preset) and Intra-Fusion (our defaults), each without data and with 8
