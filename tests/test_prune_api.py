@@ -8,7 +8,7 @@ import torch
 import torch_pruning
 from torch import nn
 
-from helpers import ChannelShuffleNet, assert_same_state, randomize_batchnorm, state
+from helpers import ChannelShuffleNet, EvenUnitsFirst, assert_same_state, randomize_batchnorm, state
 from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
@@ -125,6 +125,23 @@ def test_groups_without_batchnorm_merge_only_correlated_channels():
     loose = prune(copy.deepcopy(model), X, 0.5, include=["1"], ot_config=OTConfig(max_cost_without_bn=None, max_cost=1.5))
     assert [g.merged for g in strict.groups] == [0]
     assert [g.merged for g in loose.groups] == [8]
+
+
+def test_groups_without_batchnorm_merge_neurons_within_the_default_distance():
+    """Neuron 2m+1 is neuron 2m plus an orthogonal part (cosine 0.2: distance 1.26 between normalised
+    features): merged under the default max_cost_without_bn=1.3, dropped under 1.2."""
+    torch.manual_seed(0)
+    model = MLP(d_in=64, hidden=(32,)).eval()
+    layer = model.body[0]
+    with torch.no_grad():
+        rows = torch.linalg.qr(torch.randn(64, 32)).Q.T * 10.0  # orthogonal rows, dominating the features
+        layer.weight.copy_(rows)
+        layer.weight[1::2] = rows[0::2] + 24 ** 0.5 * rows[1::2]
+        layer.weight[1::2] *= 10.0 / layer.weight[1::2].norm(dim=1, keepdim=True)
+    merged = {c: prune(copy.deepcopy(model), X, 0.5, importance=EvenUnitsFirst(),
+                       ot_config=OTConfig(max_cost_without_bn=c)).groups[0].merged for c in (1.2, 1.3)}
+    assert OTConfig().max_cost_without_bn == 1.3
+    assert merged == {1.2: 0, 1.3: 16}
 
 
 def test_calibration_reestimates_batchnorm_statistics():
