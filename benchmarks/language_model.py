@@ -22,6 +22,7 @@ import copy
 import glob
 import math
 import os
+import platform
 import sys
 import sysconfig
 from typing import List, Tuple
@@ -49,8 +50,10 @@ def stdlib_text() -> Tuple[torch.Tensor, torch.Tensor]:
     for i, path in enumerate(files):
         with open(path, "rb") as f:
             parts[i % 8 == 7].append(f.read())
-    to_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
-    return to_tensor(parts[False]), to_tensor(parts[True])
+    def as_tensor(chunks):
+        return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
+
+    return as_tensor(parts[False]), as_tensor(parts[True])
 
 
 def build(seed: int):
@@ -147,7 +150,7 @@ def main() -> None:
     calibration = list(windows(train_text, 256, torch.Generator().manual_seed(99)).split(32))  # 8 batches of 32
     example = {"input_ids": calibration[0][:2], "use_cache": False}
     print(f"command: python benchmarks/language_model.py {' '.join(sys.argv[1:])}".rstrip())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; standard library text: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()} standard library text: "
           f"{len(train_text):,} train / {len(test_text):,} held-out bytes; held-out bits per byte (lower is better), "
           f"mean ±std over {args.seeds} models; 256 held-out windows of {SEQUENCE} bytes\n")
     models = [trained(seed, train_text) for seed in range(args.seeds)]
