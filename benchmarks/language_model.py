@@ -1,10 +1,11 @@
-"""One-shot pruning of a small Hugging Face LLaMA trained on real text: Python's own standard library.
+"""One-shot pruning of a small Hugging Face language model trained on real text: Python's own standard library.
 
 Nothing is downloaded: the text is the ``.py`` sources of the interpreter's standard library (about 4.7 MB
 of bytes; every 8th file held out), the model a byte-level ``LlamaForCausalLM`` built from a config (hidden
-128, SwiGLU MLP 512, 4 layers, 8 query heads in 4 key/value groups: 1.05M parameters), trained on the CPU
+128, SwiGLU MLP 512, 4 layers, 8 query heads in 4 key/value groups: 1.05M parameters) or, with
+``--family gpt2``, a ``GPT2LMHeadModel`` of the same widths (GELU MLP, packed qkv), trained on the CPU
 and cached in ``benchmarks/.cache`` (about 6 minutes per model on 2 cores). Its MLP neurons and attention
-heads (in units of a key/value group) are pruned one-shot at 30/50/70%, without fine-tuning, with plain
+heads (LLaMA's in units of a key/value group) are pruned one-shot at 30/50/70%, without fine-tuning, with plain
 pruning, Intra-Fusion (paper preset) and Intra-Fusion (our defaults), each without data and with 8
 training batches as ``calibration_data`` (linear compensation, the default; and the layer-wise refit).
 The figure is the held-out loss in bits per byte (lower is better; the unpruned models' is the first row).
@@ -13,6 +14,7 @@ The figure is the held-out loss in bits per byte (lower is better; the unpruned 
     python benchmarks/language_model.py --seeds 5
     python benchmarks/language_model.py --parts      # also MLP neurons and heads pruned on their own, without data
     python benchmarks/language_model.py --sweep      # also OTConfig.max_cost_without_bn varied, without data
+    python benchmarks/language_model.py --family gpt2   # a GPT-2 instead (GELU MLP, packed qkv heads)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import platform
 import sys
 import sysconfig
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch.nn import functional as F
@@ -35,8 +37,9 @@ from lightning_intrafusion import OTConfig, prune
 CACHE = os.path.join(os.path.dirname(__file__), ".cache")
 SPARSITIES = (0.3, 0.5, 0.7)
 SEQUENCE = 128
-SCOPE = {"include": ["*.mlp.up_proj", "*.self_attn.q_proj"]}  # MLP neurons and heads; the hidden width stays
-PARTS = {"MLP only": {"include": ["*.mlp.up_proj"]}, "heads only": {"include": ["*.self_attn.q_proj"]}}
+# per family: the layers whose groups are pruned (MLP neurons, heads; the hidden width stays)
+MLP_LAYERS = {"llama": "*.mlp.up_proj", "gpt2": "*.mlp.c_fc"}
+HEAD_LAYERS = {"llama": "*.self_attn.q_proj", "gpt2": "*.attn.c_attn"}
 METHODS = {"default": dict(method="default"), "if-paper": dict(ot_config=OTConfig.paper()), "if-ours": {}}
 REPAIRS = {"no data": None, "+linear": "linear", "+refit": "refit"}
 
@@ -56,13 +59,24 @@ def stdlib_text() -> Tuple[torch.Tensor, torch.Tensor]:
     return as_tensor(parts[False]), as_tensor(parts[True])
 
 
-def build(seed: int):
+def scopes(family: str) -> Dict[str, Dict[str, List[str]]]:
+    mlp, heads = MLP_LAYERS[family], HEAD_LAYERS[family]
+    return {"MLP + heads": {"include": [mlp, heads]}, "MLP only": {"include": [mlp]}, "heads only": {"include": [heads]}}
+
+
+def build(seed: int, family: str = "llama"):
+    """A byte-level causal language model from a config: LLaMA (SwiGLU MLP, rotary positions, grouped key/value
+    heads, RMSNorm, no biases) or GPT-2 (GELU MLP, learned positions, packed qkv in Conv1D layers, LayerNorm)."""
     import transformers
 
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = transformers.GPT2Config(vocab_size=256, n_positions=SEQUENCE, n_embd=128, n_layer=4, n_head=8,
+                                         n_inner=512)
+        return transformers.GPT2LMHeadModel(config)
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=SEQUENCE, tie_word_embeddings=False)
-    torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(config)
 
 
@@ -89,9 +103,9 @@ def train(model, text: torch.Tensor, seed: int, steps: int = 1500, batch: int = 
     return model.eval()
 
 
-def trained(seed: int, text: torch.Tensor):
-    model = build(seed)
-    path = os.path.join(CACHE, f"llama_stdlib_seed{seed}.pt")
+def trained(seed: int, text: torch.Tensor, family: str = "llama"):
+    model = build(seed, family)
+    path = os.path.join(CACHE, f"{family}_stdlib_seed{seed}.pt")
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, weights_only=True))
         return model.eval()
@@ -143,6 +157,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="independently trained models")
     parser.add_argument("--parts", action="store_true", help="also MLP neurons and heads on their own, without data")
     parser.add_argument("--sweep", action="store_true", help="also max_cost_without_bn varied, without data")
+    parser.add_argument("--family", choices=sorted(MLP_LAYERS), default="llama")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_text, test_text = stdlib_text()
@@ -152,8 +167,9 @@ def main() -> None:
     print(f"command: python benchmarks/language_model.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()} standard library text: "
           f"{len(train_text):,} train / {len(test_text):,} held-out bytes; held-out bits per byte (lower is better), "
-          f"mean ±std over {args.seeds} models; 256 held-out windows of {SEQUENCE} bytes\n")
-    models = [trained(seed, train_text) for seed in range(args.seeds)]
+          f"mean ±std over {args.seeds} models; 256 held-out windows of {SEQUENCE} bytes; {args.family}\n")
+    models = [trained(seed, train_text, args.family) for seed in range(args.seeds)]
+    scope = scopes(args.family)
     print("| sparsity | method | " + " | ".join(REPAIRS) + " | merged (no data) | params | seconds (no data / +linear / +refit) |")
     print("|---|---|" + "---|" * len(REPAIRS) + "---|---|---|")
     print(f"| 0% | dense | {mean_std([bits_per_byte(m, test) for m in models])} |" + " |" * (len(REPAIRS) + 2))
@@ -163,7 +179,7 @@ def main() -> None:
             cells, seconds = [], []
             for repair, compensation in REPAIRS.items():
                 data = {} if compensation is None else dict(calibration_data=calibration, compensation=compensation)
-                runs = [run_cell(model, s, test, example, SCOPE, extra, data) for model in models]
+                runs = [run_cell(model, s, test, example, scope["MLP + heads"], extra, data) for model in models]
                 results[s, label, repair] = [value for value, _ in runs]
                 cells.append(mean_std(results[s, label, repair]))
                 seconds.append(f"{sum(r.seconds for _, r in runs) / len(runs):.2f}")
@@ -180,19 +196,19 @@ def main() -> None:
             print(f"| {s:.0%} | {repair} | {paired(ours, results[s, 'default', repair])} | "
                   f"{paired(ours, results[s, 'if-paper', repair])} |")
     if args.parts:
-        parts(models, test, example)
+        parts(models, test, example, scope)
     if args.sweep:
-        sweep(models, test, example)
+        sweep(models, test, example, scope)
 
 
-def parts(models, test, example) -> None:
+def parts(models, test, example, scope) -> None:
     """MLP neurons and heads pruned on their own, without data: where fusion gains or loses."""
     print("\nEach kind of group on its own, without data (bits per byte, mean ±std; paired: if-ours minus default)\n")
     print("| groups | sparsity | default | if-paper | if-ours | merged (if-ours) | if-ours - default (paired) |")
     print("|---|---|---|---|---|---|---|")
-    for scope_name, scope in PARTS.items():
+    for scope_name in ("MLP only", "heads only"):
         for s in SPARSITIES:
-            runs = {label: [run_cell(m, s, test, example, scope, extra, {}) for m in models] for label, extra in METHODS.items()}
+            runs = {label: [run_cell(m, s, test, example, scope[scope_name], extra, {}) for m in models] for label, extra in METHODS.items()}
             values = {label: [v for v, _ in r] for label, r in runs.items()}
             print(f"| {scope_name} | {s:.0%} | {mean_std(values['default'])} | {mean_std(values['if-paper'])} | "
                   f"{mean_std(values['if-ours'])} | {merged_share([r for _, r in runs['if-ours']])} | "
@@ -202,19 +218,19 @@ def parts(models, test, example) -> None:
 SWEEP = (1.0, 1.1, 1.2, 1.3, 1.4, None)  # OTConfig.max_cost_without_bn (None: like BatchNorm groups)
 
 
-def sweep(models, test, example) -> None:
+def sweep(models, test, example, scope) -> None:
     """Intra-Fusion (our defaults) without data with ``max_cost_without_bn`` varied: how far apart an MLP
     neuron may be from a kept one and still be merged into it (heads have their own threshold)."""
     print("\nSweep of OTConfig.max_cost_without_bn without data (bits per byte, mean over the models; "
           "in brackets: share of removed channels merged)\n")
     print("| groups | sparsity | default | " + " | ".join(f"{c}" for c in SWEEP) + " |")
     print("|---|---|---|" + "---|" * len(SWEEP))
-    for scope_name, scope in {"MLP + heads": SCOPE, "MLP only": PARTS["MLP only"]}.items():
+    for scope_name in ("MLP + heads", "MLP only"):
         for s in SPARSITIES:
-            plain = [run_cell(m, s, test, example, scope, METHODS["default"], {})[0] for m in models]
+            plain = [run_cell(m, s, test, example, scope[scope_name], METHODS["default"], {})[0] for m in models]
             cells = []
             for c in SWEEP:
-                runs = [run_cell(m, s, test, example, scope, dict(ot_config=OTConfig(max_cost_without_bn=c)), {})
+                runs = [run_cell(m, s, test, example, scope[scope_name], dict(ot_config=OTConfig(max_cost_without_bn=c)), {})
                         for m in models]
                 cells.append(f"{sum(v for v, _ in runs) / len(runs):.3f} ({merged_share([r for _, r in runs])})")
             print(f"| {scope_name} | {s:.0%} | {sum(plain) / len(plain):.3f} | " + " | ".join(cells) + " |", flush=True)
