@@ -8,8 +8,8 @@ cannot (:mod:`~lightning_intrafusion.compensation`).
 The unpruned layers' outputs on the calibration batches are recorded before the step and kept in memory as
 rows (one per sample and token or pixel), at most :data:`MAX_ROWS` evenly spaced rows per layer and batch and at
 most :data:`MAX_STORED` values in all (fewer rows per batch for more or wider layers); the refit uses the same
-rows of the inputs and takes one pass over the batches per layer, each stopped at that layer. A layer's refit
-is kept only if, fitted on every other batch, it predicts the remaining ones better than the step's weights.
+rows of the inputs and takes one pass over the batches per layer (per group of layers reading the same input
+tensor), each stopped at that layer. A layer's refit is kept only if, fitted on every other batch, it predicts the remaining ones better than the step's weights.
 """
 
 from __future__ import annotations
@@ -117,35 +117,113 @@ def refit_layers(model: nn.Module, batches: Sequence[Any], targets: Dict[str, Li
                  kept_outputs: Dict[str, Tensor], ridge: float = RIDGE) -> List[str]:
     """Refit the layers of ``targets`` (unpruned output rows per batch from :func:`record_outputs`, in call
     order) one after the other, each from its inputs in ``model`` as it is by then to the unpruned outputs at
-    ``kept_outputs[name]`` (all outputs where absent). Returns the names refit (layers that never ran, are too
-    wide or whose refit did not hold on held-out batches are left). The model runs in eval mode; modes are
+    ``kept_outputs[name]`` (all outputs where absent). Layers that read the very same input tensor (a block's
+    query, key and value projections; a gated MLP's gate and up projections) are refit from one pass, since
+    refitting one cannot change what the others receive. Returns the names refit (layers that never ran, are
+    too wide or whose refit did not hold on held-out batches are left). The model runs in eval mode; modes are
     restored."""
-    done = []
+    done: List[str] = []
     with preserved_modes(model):
         model.eval()
-        for name, wanted in targets.items():
-            layer = model.get_submodule(name)
-            if not refittable(layer) or _features(layer) > MAX_FEATURES or len(wanted) != len(batches):
-                continue
-            kept = kept_outputs.get(name)
-            if (wanted[0].shape[1] if kept is None else len(kept)) != _outputs(layer):
-                continue  # outputs removed in a way the removals do not say per layer (packed attention heads)
-            if _refit(model, layer, name, batches, wanted, kept, ridge):
-                done.append(name)
+        pending = [name for name, wanted in targets.items()
+                   if _eligible(model.get_submodule(name), wanted, kept_outputs.get(name), len(batches))]
+        while pending:
+            moments = _shared_input_moments(model, pending, batches, targets, kept_outputs)
+            for name, pair in moments.items():
+                if _fit(model.get_submodule(name), name, pair, ridge):
+                    done.append(name)
+            pending = [name for name in pending[1:] if name not in moments]
     return done
 
 
-def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any], wanted: Sequence[Tensor],
-           kept: Optional[Tensor], ridge: float) -> bool:
-    """Refit one layer; kept only if, fitted on every other batch, it predicts the remaining batches better
-    than the weights the step left (a refit that only fits its own samples would make the model worse)."""
-    moments = [_Moments(), _Moments()]  # even and odd batches
-    inputs: List[Tensor] = []
-    observed, attention = _observed(model, name)
+def _eligible(layer: nn.Module, wanted: Sequence[Tensor], kept: Optional[Tensor], batches: int) -> bool:
+    if not refittable(layer) or _features(layer) > MAX_FEATURES or len(wanted) != batches:
+        return False
+    # outputs removed in a way the removals do not say per layer (packed attention heads) are left
+    return (wanted[0].shape[1] if kept is None else len(kept)) == _outputs(layer)
 
-    def capture(module: nn.Module, args: Any) -> None:
-        inputs.append(args[0].detach())
-        raise _Captured  # the rest of the forward pass is not needed
+
+def _moment_values(layer: nn.Module) -> int:
+    """Values of a layer's even- and odd-batch moments (Gram and cross matrices)."""
+    features = _features(layer) + (layer.bias is not None)
+    return 2 * features * (features + _outputs(layer))
+
+
+def _shared_input_moments(model: nn.Module, pending: Sequence[str], batches: Sequence[Any],
+                          targets: Dict[str, List[Tensor]], kept_outputs: Dict[str, Tensor]) -> Dict[str, List["_Moments"]]:
+    """Even- and odd-batch moments of the first pending layer and of the pending layers after it that read the
+    same input tensor, unmodified (at most :data:`MAX_STORED` moment values together), from one pass over the
+    batches stopped once they have run (in call order; empty if the first layer never ran)."""
+    first = pending[0]
+    layer = model.get_submodule(first)
+    observed, attention = _observed(model, first)
+    if attention:  # nn.MultiheadAttention's output projection: its input is solved from the module's output
+        return _projection_moments(model, layer, first, observed, batches, targets[first], kept_outputs.get(first))
+    members: List[str] = []
+    captured: Dict[str, Tensor] = {}
+    shared: List[Any] = [None, 0]  # the first layer's input in this batch, and its version (in-place changes)
+    budget = [MAX_STORED]
+
+    def hook(name: str):
+        def capture(module: nn.Module, args: Any) -> None:
+            x = args[0]
+            if name in captured:
+                raise _Captured  # a layer called again (a shared module): its first call is the one refit
+            if name == first:
+                shared[0], shared[1] = x, x._version
+            elif shared[0] is None:
+                return  # called before the first pending layer: nothing of this pass depends on it
+            elif x is not shared[0] or x._version != shared[1] or (exploring[0] and budget[0] < _moment_values(module)):
+                raise _Captured  # its input may depend on a layer of the group: left for a later pass
+            elif not exploring[0] and name not in members:
+                raise _Captured
+            if exploring[0] and name != first:
+                budget[0] -= _moment_values(module)
+                members.append(name)
+            captured[name] = x.detach()
+            if not exploring[0] and name == members[-1]:
+                raise _Captured
+        return capture
+
+    exploring = [True]  # the first batch decides the group; later ones capture its members only
+    members.append(first)
+    budget[0] -= _moment_values(layer)
+    moments: Dict[str, List[_Moments]] = {}
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in pending
+               if not _observed(model, name)[1]]
+    try:
+        for index, batch in enumerate(batches):
+            captured.clear()
+            shared[0] = None
+            try:
+                call_model(model, batch)
+            except _Captured:
+                pass
+            if first not in captured:
+                return {}
+            for name in members:
+                if name not in captured:  # the group differs between batches: keep the first layer alone
+                    del members[1:]
+                    moments = {first: moments[first]} if first in moments else {}
+                    break
+            for name in members:
+                target = model.get_submodule(name)
+                pair = moments.setdefault(name, [_Moments(), _Moments()])
+                _add_batch(pair[index % 2], target, captured[name], targets[name][index], kept_outputs.get(name))
+            exploring[0] = False
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: moments[name] for name in members}
+
+
+def _projection_moments(model: nn.Module, layer: nn.Module, name: str, observed: nn.Module, batches: Sequence[Any],
+                        wanted: Sequence[Tensor], kept: Optional[Tensor]) -> Dict[str, List["_Moments"]]:
+    """The moments of nn.MultiheadAttention's output projection, whose input is solved from the module's output."""
+    inverse = output_inverse(layer)
+    if inverse is None:
+        return {}
+    inputs: List[Tensor] = []
 
     def capture_projected(module: nn.Module, args: Any, output: Any) -> None:
         # the projection's input, solved from the attention's output: x = W^+ (y - b)
@@ -153,34 +231,41 @@ def _refit(model: nn.Module, layer: nn.Module, name: str, batches: Sequence[Any]
         if layer.bias is not None:
             y = y - layer.bias.detach().double()
         inputs.append(y @ inverse.T)
-        raise _Captured
+        raise _Captured  # the rest of the forward pass is not needed
 
-    if attention:
-        inverse = output_inverse(layer)
-        if inverse is None:
-            return False
-        handle = observed.register_forward_hook(capture_projected)
-    else:
-        handle = layer.register_forward_pre_hook(capture)
+    moments = [_Moments(), _Moments()]
+    handle = observed.register_forward_hook(capture_projected)
     try:
-        for index, (batch, target) in enumerate(zip(batches, wanted)):
+        for index, batch in enumerate(batches):
             inputs.clear()
             try:
                 call_model(model, batch)
             except _Captured:
                 pass
             if not inputs:
-                return False
-            x = _input_features(layer, inputs[0])
-            picked = rows_kept(len(x), len(target)) if len(x) != len(target) else None
-            if picked is not None:
-                x = x[picked.to(x.device)]
-            if layer.bias is not None:
-                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-            y = target if kept is None else target[:, kept.to(target.device)]
-            moments[index % 2].add(x, y.to(x))
+                return {}
+            _add_batch(moments[index % 2], layer, inputs[0], wanted[index], kept)
     finally:
         handle.remove()
+    return {name: moments}
+
+
+def _add_batch(moments: "_Moments", layer: nn.Module, inputs: Tensor, target: Tensor, kept: Optional[Tensor]) -> None:
+    """Add one batch's input features (the rows kept of the target's) and kept target outputs to ``moments``."""
+    x = _input_features(layer, inputs)
+    picked = rows_kept(len(x), len(target)) if len(x) != len(target) else None
+    if picked is not None:
+        x = x[picked.to(x.device)]
+    if layer.bias is not None:
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+    y = target if kept is None else target[:, kept.to(target.device)]
+    moments.add(x, y.to(x))
+
+
+def _fit(layer: nn.Module, name: str, moments: Sequence["_Moments"], ridge: float) -> bool:
+    """Refit one layer from its even- and odd-batch moments; kept only if, fitted on the even batches, it predicts
+    the odd ones better than the weights the step left (a refit that only fits its own samples would make the
+    model worse)."""
     weight = layer.weight.detach()
     prior = (weight if _transposed(layer) else weight.reshape(weight.shape[0], -1).T).to(moments[0].gram)
     if layer.bias is not None:
