@@ -159,62 +159,74 @@ def _shared_input_moments(model: nn.Module, pending: Sequence[str], batches: Seq
     observed, attention = _observed(model, first)
     if attention:  # nn.MultiheadAttention's output projection: its input is solved from the module's output
         return _projection_moments(model, layer, first, observed, batches, targets[first], kept_outputs.get(first))
-    members: List[str] = []
-    captured: Dict[str, Tensor] = {}
-    shared: List[Any] = [None, 0]  # the first layer's input in this batch, and its version (in-place changes)
-    budget = [MAX_STORED]
-
-    def hook(name: str):
-        def capture(module: nn.Module, args: Any) -> None:
-            x = args[0]
-            if name in captured:
-                raise _Captured  # a layer called again (a shared module): its first call is the one refit
-            if name == first:
-                shared[0], shared[1] = x, x._version
-            elif shared[0] is None:
-                return  # called before the first pending layer: nothing of this pass depends on it
-            elif x is not shared[0] or x._version != shared[1] or (exploring[0] and budget[0] < _moment_values(module)):
-                raise _Captured  # its input may depend on a layer of the group: left for a later pass
-            elif not exploring[0] and name not in members:
-                raise _Captured
-            if exploring[0] and name != first:
-                budget[0] -= _moment_values(module)
-                members.append(name)
-            captured[name] = x.detach()
-            if not exploring[0] and name == members[-1]:
-                raise _Captured
-        return capture
-
-    exploring = [True]  # the first batch decides the group; later ones capture its members only
-    members.append(first)
-    budget[0] -= _moment_values(layer)
+    capture = _SharedInputCapture(first, _moment_values(layer))
     moments: Dict[str, List[_Moments]] = {}
-    handles = [model.get_submodule(name).register_forward_pre_hook(hook(name)) for name in pending
+    handles = [model.get_submodule(name).register_forward_pre_hook(capture.hook(name)) for name in pending
                if not _observed(model, name)[1]]
     try:
         for index, batch in enumerate(batches):
-            captured.clear()
-            shared[0] = None
+            capture.start_batch()
             try:
                 call_model(model, batch)
             except _Captured:
                 pass
-            if first not in captured:
+            if first not in capture.inputs:
                 return {}
-            for name in members:
-                if name not in captured:  # the group differs between batches: keep the first layer alone
-                    del members[1:]
-                    moments = {first: moments[first]} if first in moments else {}
-                    break
-            for name in members:
-                target = model.get_submodule(name)
+            if any(name not in capture.inputs for name in capture.members):  # the group differs between batches
+                capture.members[1:] = []  # keep the first layer alone; the others wait for a later pass
+                moments = {first: moments[first]} if first in moments else {}
+            for name in capture.members:
                 pair = moments.setdefault(name, [_Moments(), _Moments()])
-                _add_batch(pair[index % 2], target, captured[name], targets[name][index], kept_outputs.get(name))
-            exploring[0] = False
+                _add_batch(pair[index % 2], model.get_submodule(name), capture.inputs[name], targets[name][index],
+                           kept_outputs.get(name))
+            capture.exploring = False
     finally:
         for handle in handles:
             handle.remove()
-    return {name: moments[name] for name in members}
+    return {name: moments[name] for name in capture.members}
+
+
+class _SharedInputCapture:
+    """Forward pre-hooks that capture, in one pass, the input of the first pending layer and of the layers called
+    after it with that very tensor, unmodified (its version counter unchanged), and stop the pass at the first
+    other one. On the first batch (``exploring``) they decide the group (``members``, within a budget of moment
+    values); on later batches they capture its members only and stop after the last."""
+
+    def __init__(self, first: str, first_values: int) -> None:
+        self.first = first
+        self.members = [first]
+        self.budget = MAX_STORED - first_values
+        self.exploring = True
+        self.inputs: Dict[str, Tensor] = {}
+        self.shared: Optional[Tensor] = None
+        self.version = 0
+
+    def start_batch(self) -> None:
+        self.inputs.clear()
+        self.shared = None
+
+    def hook(self, name: str):
+        def capture(module: nn.Module, args: Any) -> None:
+            x = args[0]
+            if name in self.inputs:
+                raise _Captured  # a layer called again (a shared module): its first call is the one refit
+            if name == self.first:
+                self.shared, self.version = x, x._version
+            elif self.shared is None:
+                return  # called before the first pending layer: nothing of this pass depends on it
+            elif x is not self.shared or x._version != self.version:
+                raise _Captured  # its input may depend on a layer of the group: left for a later pass
+            elif self.exploring:
+                if self.budget < _moment_values(module):
+                    raise _Captured
+                self.budget -= _moment_values(module)
+                self.members.append(name)
+            elif name not in self.members:
+                raise _Captured
+            self.inputs[name] = x.detach()
+            if not self.exploring and name == self.members[-1]:
+                raise _Captured  # the rest of the forward pass is not needed
+        return capture
 
 
 def _projection_moments(model: nn.Module, layer: nn.Module, name: str, observed: nn.Module, batches: Sequence[Any],
