@@ -72,7 +72,7 @@ def build(seed: int, family: str = "llama"):
     torch.manual_seed(seed)
     if family == "gpt2":
         config = transformers.GPT2Config(vocab_size=256, n_positions=SEQUENCE, n_embd=128, n_layer=4, n_head=8,
-                                         n_inner=512)
+                                         n_inner=512, bos_token_id=0, eos_token_id=0)  # bytes: no special tokens used
         return transformers.GPT2LMHeadModel(config)
     config = transformers.LlamaConfig(
         vocab_size=256, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
