@@ -166,10 +166,7 @@ def _shared_input_moments(model: nn.Module, pending: Sequence[str], batches: Seq
     try:
         for index, batch in enumerate(batches):
             capture.start_batch()
-            try:
-                call_model(model, batch)
-            except _Captured:
-                pass
+            _call_until_captured(model, batch)
             if first not in capture.inputs:
                 return {}
             if any(name not in capture.inputs for name in capture.members):  # the group differs between batches
@@ -250,10 +247,7 @@ def _projection_moments(model: nn.Module, layer: nn.Module, name: str, observed:
     try:
         for index, batch in enumerate(batches):
             inputs.clear()
-            try:
-                call_model(model, batch)
-            except _Captured:
-                pass
+            _call_until_captured(model, batch)
             if not inputs:
                 return {}
             _add_batch(moments[index % 2], layer, inputs[0], wanted[index], kept)
@@ -336,6 +330,14 @@ def _solve(moments: _Moments, prior: Tensor, n: int, ridge: float) -> Tensor:
 
 class _Captured(Exception):
     """Stops a forward pass once the refit layer's input is captured (eval mode: nothing is left half-updated)."""
+
+
+def _call_until_captured(model: nn.Module, batch: Any) -> None:
+    """Run the model on a batch until a hook raises :class:`_Captured` (or to the end)."""
+    try:
+        call_model(model, batch)
+    except _Captured:
+        pass
 
 
 def _input_features(layer: nn.Module, x: Tensor) -> Tensor:

@@ -212,6 +212,17 @@ def halve_odd_rows(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
+def odd_rows_at_cosine(layer: nn.Module, cosine: float) -> None:
+    """Orthogonal rows of norm 10 (dominating the channels' features), then every odd row made the even row before
+    it plus an orthogonal part, at the given cosine similarity to it (norm 10 again)."""
+    out_features, in_features = layer.weight.shape
+    rows = torch.linalg.qr(torch.randn(in_features, out_features)).Q.T * 10.0
+    layer.weight.copy_(rows)
+    layer.weight[1::2] = rows[0::2] + (1.0 / cosine ** 2 - 1.0) ** 0.5 * rows[1::2]
+    layer.weight[1::2] *= 10.0 / layer.weight[1::2].norm(dim=1, keepdim=True)
+
+
+@torch.no_grad()
 def halve_odd_heads(model: nn.Module, head_dim: int = 8) -> None:
     """In every ``nn.MultiheadAttention`` of a 4-head SmallTransformer, heads 1 and 3 attend like heads 0 and 2
     (same query/key rows) with half their values, so they output exactly half of what heads 0 and 2 do; their

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import EvenUnitsFirst, assert_same_state, halve_odd_heads, halve_odd_rows, state
+from helpers import EvenUnitsFirst, assert_same_state, halve_odd_heads, halve_odd_rows, odd_rows_at_cosine, state
 from lightning_intrafusion import OTConfig, prune
 import lightning_intrafusion.pruner as pruner
 from lightning_intrafusion.compensation import InputStatistics, consumer_input_statistics, lost_mean_shifts
@@ -140,16 +140,11 @@ def test_shift_of_partly_merged_channels_counts_only_what_was_lost():
 
 
 def test_with_compensated_means_only_closer_neurons_are_merged():
-    """Neuron 2m+1 is neuron 2m plus an orthogonal part 1.5 times as long (cosine 0.55, distance 0.94):
+    """Neuron 2m+1 is neuron 2m plus an orthogonal part (cosine 0.55, distance 0.95 between normalised features):
     merged without data (max_cost_without_bn=1.3), dropped with its mean compensated (0.9)."""
     torch.manual_seed(0)
     model = MLP(d_in=64, hidden=(32,)).eval()
-    layer = model.body[0]
-    with torch.no_grad():
-        rows = torch.linalg.qr(torch.randn(64, 32)).Q.T * 10.0  # orthogonal rows, dominating the features
-        layer.weight.copy_(rows)
-        layer.weight[1::2] = rows[0::2] + 1.5 * rows[1::2]
-        layer.weight[1::2] *= 10.0 / layer.weight[1::2].norm(dim=1, keepdim=True)
+    odd_rows_at_cosine(model.body[0], 0.55)
     counts = {}
     mean = {"calibration_data": BATCHES, "compensation": "mean"}
     for label, kwargs in {"no data": {}, "compensated": mean,

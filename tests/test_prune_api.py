@@ -8,7 +8,7 @@ import torch
 import torch_pruning
 from torch import nn
 
-from helpers import ChannelShuffleNet, EvenUnitsFirst, assert_same_state, randomize_batchnorm, state
+from helpers import ChannelShuffleNet, EvenUnitsFirst, assert_same_state, odd_rows_at_cosine, randomize_batchnorm, state
 from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
@@ -132,12 +132,7 @@ def test_groups_without_batchnorm_merge_neurons_within_the_default_distance():
     features): merged under the default max_cost_without_bn=1.3, dropped under 1.2."""
     torch.manual_seed(0)
     model = MLP(d_in=64, hidden=(32,)).eval()
-    layer = model.body[0]
-    with torch.no_grad():
-        rows = torch.linalg.qr(torch.randn(64, 32)).Q.T * 10.0  # orthogonal rows, dominating the features
-        layer.weight.copy_(rows)
-        layer.weight[1::2] = rows[0::2] + 24 ** 0.5 * rows[1::2]
-        layer.weight[1::2] *= 10.0 / layer.weight[1::2].norm(dim=1, keepdim=True)
+    odd_rows_at_cosine(model.body[0], 0.2)
     merged = {c: prune(copy.deepcopy(model), X, 0.5, importance=EvenUnitsFirst(),
                        ot_config=OTConfig(max_cost_without_bn=c)).groups[0].merged for c in (1.2, 1.3)}
     assert OTConfig().max_cost_without_bn == 1.3
