@@ -1,18 +1,21 @@
 """Channel groups of layers recognised by their attributes rather than read from the dependency graph:
-the heads of ``nn.MultiheadAttention``, of packed-qkv (GPT-2), grouped key/value (LLaMA family, Phi) and
-interleaved (GPT-NeoX) attention, and the neurons of gated MLPs with packed gate and up projections (Phi-3).
+the heads of ``nn.MultiheadAttention``, of packed-qkv (GPT-2), grouped key/value (LLaMA family, Phi),
+interleaved (GPT-NeoX) and sectioned (ModernBERT) attention, and the neurons of gated MLPs with packed gate and up projections (Phi-3,
+ModernBERT).
 Torch-Pruning cannot follow their splits and reshapes; each layer's own attributes say which tensor rows
 and columns hold a head's or a neuron's channels.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from lightning_intrafusion import grouped_attention, interleaved_attention, packed_attention, packed_mlp
+from lightning_intrafusion import (grouped_attention, interleaved_attention, packed_attention, packed_mlp,
+                                   sectioned_attention)
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import Layout, parameter_slot, projection_width, section_positions
 from lightning_intrafusion.fusion import ChannelSlice
@@ -66,11 +69,20 @@ def _interleaved_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     return _linear_layers_group(name, module, parts, interleaved_attention.positions(module), module.head_size)
 
 
-def _packed_mlp_neurons(name: str, module: nn.Module) -> PrunableGroup:
-    """The neurons of a gated MLP with packed gate and up projections: each produced by two rows of
-    ``gate_up_proj`` (its gate and its up row), consumed by a column of ``down_proj``."""
-    parts = [("gate_up_proj", "gate_up_proj", "producer"), ("down_proj", "down_proj", "consumer")]
-    return _linear_layers_group(name, module, parts, packed_mlp.positions(module))
+def _sectioned_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
+    """The projection channels of an attention layer whose ``Wqkv`` holds all queries, keys and values in
+    three sections (ModernBERT), in units of whole heads: a row of each section produces a channel, a
+    column of ``Wo`` consumes it."""
+    parts = [("Wqkv", "Wqkv", "producer"), ("Wo", "Wo", "consumer")]
+    return _linear_layers_group(name, module, parts, sectioned_attention.positions(module), module.head_dim)
+
+
+def _packed_mlp_neurons(name: str, module: nn.Module, names: Tuple[str, str]) -> PrunableGroup:
+    """The neurons of a gated MLP with packed gate and up projections: each produced by two rows of the
+    packed projection (``names[0]``: its gate and its up row), consumed by a column of the down projection."""
+    packed, down = names
+    parts = [(packed, packed, "producer"), (down, down, "consumer")]
+    return _linear_layers_group(name, module, parts, packed_mlp.positions(module, names))
 
 
 # layers recognised by their attributes: (recognise, the projections whose channels they own (the first
@@ -79,8 +91,9 @@ RECOGNISED: Tuple[Tuple[Callable[[nn.Module], bool], Tuple[str, ...], Callable[[
     (packed_attention.is_packed_attention, ("c_attn",), _packed_attention_heads),
     (grouped_attention.is_grouped_attention, ("q_proj", "k_proj", "v_proj"), _grouped_attention_heads),
     (interleaved_attention.is_interleaved_attention, ("query_key_value",), _interleaved_attention_heads),
-    (packed_mlp.is_packed_gated_mlp, ("gate_up_proj",), _packed_mlp_neurons),
-)
+    (sectioned_attention.is_sectioned_attention, ("Wqkv",), _sectioned_attention_heads),
+) + tuple((partial(packed_mlp.is_packed_gated_mlp, names=names), names[:1], partial(_packed_mlp_neurons, names=names))
+          for names in packed_mlp.LAYER_NAMES)
 
 
 def _linear_layers_group(name: str, module: nn.Module, parts: Sequence[Tuple[str, str, str]],

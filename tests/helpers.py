@@ -212,6 +212,17 @@ def halve_odd_rows(layer: nn.Module) -> None:
 
 
 @torch.no_grad()
+def rank_odd_units_last(producer: nn.Linear, consumer: nn.Linear, unit: int = 1) -> None:
+    """Every row of ``producer`` and column of ``consumer`` of unit norm, then the consumer columns of odd units
+    (``unit`` channels each) halved, so that magnitude keeps the even units (and a duplicate's merged columns
+    differ from the kept unit's own)."""
+    producer.weight.div_(producer.weight.norm(dim=1, keepdim=True))
+    consumer.weight.div_(consumer.weight.norm(dim=0, keepdim=True))
+    for start in range(unit, consumer.in_features, 2 * unit):
+        consumer.weight[:, start:start + unit] *= 0.5
+
+
+@torch.no_grad()
 def odd_rows_at_cosine(layer: nn.Module, cosine: float) -> None:
     """Orthogonal rows of norm 10 (dominating the channels' features), then every odd row made the even row before
     it plus an orthogonal part, at the given cosine similarity to it (norm 10 again)."""

@@ -8,7 +8,7 @@ import torch
 
 from helpers import (
     assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units, fuse_and_prune_plainly,
-    prune_with_mirrored_momentum,
+    prune_with_mirrored_momentum, rank_odd_units_last,
 )
 from lightning_intrafusion import OTConfig, prune
 
@@ -30,13 +30,8 @@ def test_heads_fuse_exactly():
     but odd heads' ``dense`` columns, halved, so that magnitude keeps the even heads. Fusion keeps the
     outputs, plain pruning of the same heads does not."""
     model, inputs = _gpt_neox()
-    with torch.no_grad():
-        for layer in model.gpt_neox.layers:
-            attn = layer.attention
-            attn.query_key_value.weight.div_(attn.query_key_value.weight.norm(dim=1, keepdim=True))
-            attn.dense.weight.div_(attn.dense.weight.norm(dim=0, keepdim=True))
-            for start in (8, 24):
-                attn.dense.weight[:, start:start + 8] *= 0.5
+    for layer in model.gpt_neox.layers:
+        rank_odd_units_last(layer.attention.query_key_value, layer.attention.dense, unit=8)
     duplicate_odd_units(model, inputs, include=HEADS, units={HEADS[0]: 8})
     fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance="l2", include=HEADS,
                                                             ot_config=OTConfig(features="producer"))

@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import (
     assert_only_fusion_keeps_the_outputs, assert_reloads, assert_same_state, duplicate_odd_units,
-    fuse_and_prune_plainly, prune_with_mirrored_momentum, state,
+    fuse_and_prune_plainly, prune_with_mirrored_momentum, rank_odd_units_last, state,
 )
 from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 from lightning_intrafusion.packed_mlp import is_packed_gated_mlp
@@ -39,12 +39,8 @@ def test_packed_gate_and_up_neurons_fuse_exactly():
     importance objects cannot score groups without a Torch-Pruning group). Fusion keeps the outputs,
     plain pruning of the same neurons does not."""
     model, inputs = _phi3()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            mlp = layer.mlp
-            mlp.gate_up_proj.weight.div_(mlp.gate_up_proj.weight.norm(dim=1, keepdim=True))
-            mlp.down_proj.weight.div_(mlp.down_proj.weight.norm(dim=0, keepdim=True))
-            mlp.down_proj.weight[:, 1::2] *= 0.5
+    for layer in model.model.layers:
+        rank_odd_units_last(layer.mlp.gate_up_proj, layer.mlp.down_proj)
     duplicate_odd_units(model, inputs, include=["*.gate_up_proj"])
     fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance="l2", include=["*.gate_up_proj"],
                                                             ot_config=OTConfig(features="producer"))
