@@ -15,13 +15,17 @@ from torch.overrides import TorchFunctionMode
 from lightning_intrafusion.execution import eval_forward
 
 
-class ForwardBrokenError(RuntimeError):
-    """The pruned model no longer runs on the example inputs (the step is rolled back); ``reason`` is the
-    forward's own error."""
+ROLLED_BACK = ("The step was rolled back; leave those layers out with exclude=[...] or include=[...], or pass "
+               "on_unsupported='skip' to find and leave out the groups concerned")
 
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
+
+class ForwardBrokenError(RuntimeError):
+    """The pruned model no longer runs on the example inputs, or attends differently (the step is rolled
+    back): ``problem`` says what went wrong, ``reason`` is the forward's own error, ``advice`` what to do."""
+
+    def __init__(self, problem: str, reason: str, advice: str = ROLLED_BACK) -> None:
+        super().__init__(f"{problem}. {advice}")
+        self.problem, self.reason = problem, reason
 
 
 class Signature(NamedTuple):
@@ -66,14 +70,12 @@ def forward_signature(model: nn.Module, example_inputs: Any) -> Signature:
 
 
 def check_still_runs(model: nn.Module, example_inputs: Any, before: Signature) -> None:
-    advice = ("The step was rolled back; leave those layers out with exclude=[...] or include=[...], or pass "
-              "on_unsupported='skip' to find and leave out the groups concerned")
     try:
         after = forward_signature(model, example_inputs)
     except ValueError as err:
         raise ForwardBrokenError(
             f"the pruned model no longer runs ({err.__cause__}); its forward depends on a layer width that "
-            f"the dependency graph does not show (e.g. a reshape to a fixed number of heads). {advice}",
+            f"the dependency graph does not show (e.g. a reshape to a fixed number of heads)",
             reason=f"{type(err.__cause__).__name__}: {err.__cause__}",
         ) from err
     # pruning never changes how many calls there are, except where a layer is swapped for one that calls
@@ -85,7 +87,7 @@ def check_still_runs(model: nn.Module, example_inputs: Any, before: Signature) -
         raise ForwardBrokenError(
             f"the pruned model still runs but attends differently ({detail}): its forward reshapes the "
             f"projections with a head count or head size that pruning did not update (an attribute of the "
-            f"layer the dependency graph does not show), which would regroup tokens silently. {advice}",
+            f"layer the dependency graph does not show), which would regroup tokens silently",
             reason=f"attention regrouped: {detail}",
         )
     if after.outputs != before.outputs:

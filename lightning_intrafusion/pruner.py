@@ -14,7 +14,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
@@ -158,12 +158,12 @@ def prune(
                 step.compensation, step.calibration = compensation, (batches, calibration_batches)
             try:
                 group_reports, removals, skipped = step.run(model)
-            except ForwardBrokenError:
-                if on_unsupported == "raise":
-                    raise
+            except ForwardBrokenError as broken:
                 # a width the forward depends on outside the graph (e.g. a reshape to the embedding width):
-                # find the groups that break it, one at a time, and prune the others
+                # find the groups that break it, one at a time, and name the first (raise) or prune the others
                 snapshot.restore()
+                if on_unsupported == "raise":
+                    raise step.naming_a_group_breaking_the_forward(model, broken) from broken
                 log("the pruned model no longer runs: trying each group on its own")
                 group_reports, removals, skipped = step.run(model, leave_out=step.groups_breaking_the_forward(model))
             if calibration:
@@ -281,17 +281,34 @@ class _Step:
     def groups_breaking_the_forward(self, model: nn.Module) -> Dict[str, str]:
         """Every selected group pruned on its own (and rolled back): those after which the model no longer
         runs, with the reason to report."""
-        breaking = {}
+        return {root: (f"{UNSUPPORTED}pruning it breaks the model's forward ({err.reason}), which depends on its "
+                       "width outside the dependency graph") for root, err in self._breaking_groups(model)}
+
+    def naming_a_group_breaking_the_forward(self, model: nn.Module, broken: ForwardBrokenError) -> ForwardBrokenError:
+        """``broken`` (the whole step broke the forward) restated with the first group that breaks it when
+        pruned on its own, found by trying the groups one at a time (each rolled back); ``broken`` itself
+        if none does alone."""
+        root, err = next(self._breaking_groups(model), (None, None))
+        if root is None:
+            return broken
+        return ForwardBrokenError(
+            f"with the channel group of {root!r} pruned on its own, {err.problem}", reason=err.reason,
+            advice=f"The step was rolled back; pass on_unsupported='skip' to leave out every group that breaks "
+                   f"the forward and prune the others, or leave out the layers concerned with exclude=[...] "
+                   f"(module-name globs; exclude=[{root!r}] leaves out every group that layer is in)")
+
+    def _breaking_groups(self, model: nn.Module) -> Iterator[Tuple[str, ForwardBrokenError]]:
+        """Each selected group pruned on its own and rolled back (before anything is yielded)."""
         for group in self.select(model)[1]:
-            trial = ModelSnapshot(model)
+            trial, broken = ModelSnapshot(model), None
             try:
                 self.run(model, only=group.root_name)
             except ForwardBrokenError as err:
-                breaking[group.root_name] = (f"{UNSUPPORTED}pruning it breaks the model's forward ({err.reason}), "
-                                             "which depends on its width outside the dependency graph")
+                broken = err
             finally:
                 trial.restore()
-        return breaking
+            if broken is not None:
+                yield group.root_name, broken
 
 
 def _check_arguments(model: Any, sparsity: float, method: str, ot_config: Any, include: Any, exclude: Any) -> None:

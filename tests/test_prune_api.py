@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import ChannelShuffleNet, EvenUnitsFirst, assert_same_state, odd_rows_at_cosine, randomize_batchnorm, state
 from test_prune_exactness import GroupedConvNet
-from lightning_intrafusion import OTConfig, TransportError, UnsupportedModelError, prune
+from lightning_intrafusion import ForwardBrokenError, OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
 from lightning_intrafusion.models import MLP, MixedOpsNet, SmallMobileNet, SmallResNet, SmallTransformer, SmallVGG
 from lightning_intrafusion.surgery import replay_history
@@ -320,6 +320,23 @@ def test_packed_qkv_heads_are_refused_and_a_hidden_width_dependency_rolls_back()
     with pytest.raises(RuntimeError, match="no longer runs.*rolled back"):
         prune(model, X, 0.5, include=["embed"])  # the reshape ties the heads to the embedding width
     assert_same_state(before, state(model))
+
+
+def test_the_error_names_the_group_that_breaks_the_forward():
+    """Of the two groups asked for, the embedding width breaks the forward (the reshape ties it to the heads)
+    and the MLP neurons do not: the error names the first, found by pruning each on its own, and the model
+    is left as it was."""
+    model = PackedQKVNet()
+    before = state(model)
+    with pytest.raises(ForwardBrokenError, match="with the channel group of .* pruned on its own, the pruned model "
+                                                 "no longer runs") as err:
+        prune(model, X, 0.5, include=["embed", "fc1"])
+    assert_same_state(before, state(model))
+    with pytest.warns(UserWarning, match="breaks the model's forward"):
+        report = prune(model, X, 0.5, include=["embed", "fc1"], on_unsupported="skip")
+    [breaking] = report.unsupported  # the embedding width's group, whichever layer Torch-Pruning roots it at
+    assert [g.name for g in report.groups] == ["fc1"] and model.embed.out_features == 32
+    assert f"channel group of {breaking!r} pruned" in str(err.value) and "'fc1'" not in str(err.value)
 
 
 class ExplicitMatmulAttention(nn.Module):
