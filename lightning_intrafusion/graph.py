@@ -148,7 +148,8 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[n
                skip: Collection[nn.Module] = ()) -> Iterator[Tuple[nn.Module, Any]]:
     """Torch-Pruning's groups, one per root layer not yet covered by an earlier group (as its
     ``get_all_groups``), each resolved under a time limit. A group Torch-Pruning cannot resolve (its search
-    never ends on some graphs) comes as ``(root, reason)`` instead of hanging the caller, and so do, at
+    never ends on some graphs, or fails) comes as ``(root, reason)`` instead of hanging or crashing the
+    caller, and so do, at
     once, the groups of layers of the same type at the same place in other repeated blocks (the same name
     up to block indices: ``layers.*.attn.q``), which would only spend the same time to fail the same way.
     Layers in ``skip`` are not made roots."""
@@ -177,6 +178,11 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[n
             timed_out[like] = name
             yield module, (f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a cycle "
                            "of slices and concatenations, e.g. rotary position embeddings)")
+            continue
+        except Exception as err:  # an index mapping Torch-Pruning cannot apply to this graph
+            covered.add(module)
+            yield module, (f"Torch-Pruning failed to resolve its dependencies ({type(err).__name__}: {err}), "
+                           "e.g. on a reshape or repeat of its channels it cannot map")
             continue
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):

@@ -521,6 +521,29 @@ def test_a_group_torch_pruning_cannot_resolve_is_refused_instead_of_hanging(monk
     assert [(g.name, g.width_after) for g in report.groups] == [("3", 8)]
 
 
+def test_a_group_torch_pruning_fails_on_is_refused_with_its_error(monkeypatch):
+    """Torch-Pruning's index mappings can fail on graphs they do not expect (a Hugging Face Hiera's
+    attention: ZeroDivisionError inside its repeat mapping); that group is refused with the error named,
+    the model untouched, and ``"skip"`` prunes the others."""
+    original = torch_pruning.DependencyGraph.get_pruning_group
+
+    def failing_for_fc1(self, module, fn, idxs):
+        if module is self.model[1]:
+            raise ZeroDivisionError("integer division or modulo by zero")
+        return original(self, module, fn, idxs)
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "get_pruning_group", failing_for_fc1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
+    before = state(model)
+    with pytest.raises(UnsupportedModelError, match=r"'1': Torch-Pruning failed to resolve its dependencies "
+                                                    r"\(ZeroDivisionError: integer division"):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+    with pytest.warns(UserWarning, match="left 1 channel group"):
+        report = prune(model, X, 0.5, on_unsupported="skip")
+    assert [(g.name, g.width_after) for g in report.groups] == [("3", 8)] and model[1].out_features == 16
+
+
 def test_a_group_that_timed_out_is_not_waited_for_again_in_the_next_block(monkeypatch):
     """After blocks.N.fc1 timed out, the fc1 of every other block (same type, same place) is refused at
     once: a deep model would otherwise wait the time limit once per block."""
