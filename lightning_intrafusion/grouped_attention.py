@@ -40,6 +40,19 @@ def is_grouped_attention(module: nn.Module) -> bool:
             and q.out_features == groups * k.out_features == o.in_features)
 
 
+def norm_across_heads(module: nn.Module) -> Optional[str]:
+    """Why the heads cannot be pruned exactly, if a query or key norm normalises all heads' channels together
+    (OLMo-2's ``q_norm``/``k_norm`` over the whole projection: removing a head changes the others'
+    normalisation); None for a norm per head (Qwen3's, ``head_dim`` wide) or none."""
+    for name, projection in (("q_norm", module.q_proj), ("k_norm", module.k_proj)):
+        norm = getattr(module, name, None)
+        if isinstance(norm, nn.Module) and any(p.numel() == projection.out_features != module.head_dim
+                                                for p in norm.parameters()):
+            return (f"its {name} normalises all heads' {projection.out_features} channels together, so removing a "
+                    "head would change the other heads' normalisation")
+    return None
+
+
 def unit(module: nn.Module) -> int:
     """Channels kept or removed together: the query heads sharing one key/value head."""
     return module.num_key_value_groups * module.head_dim

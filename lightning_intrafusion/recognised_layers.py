@@ -59,6 +59,7 @@ def _grouped_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
              ("v_proj", "key_value", "producer"), (out_name, "query", "consumer")]
     group = _linear_layers_group(name, module, parts, grouped_attention.positions(module), grouped_attention.unit(module))
     group.head_size = module.head_dim
+    group.unsupported = grouped_attention.norm_across_heads(module)
     return group
 
 

@@ -12,7 +12,7 @@ from helpers import (
     EvenUnitsFirst, assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units,
     fuse_and_prune_plainly,
 )
-from lightning_intrafusion import OTConfig, prune
+from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 
 transformers = pytest.importorskip("transformers")
 
@@ -20,12 +20,14 @@ MLP_AND_HIDDEN = ["*.mlp.up_proj", "*.mlp.down_proj"]
 
 
 FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-            "mistral": ("MistralConfig", "MistralForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
+            "mistral": ("MistralConfig", "MistralForCausalLM"), "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
 
 
 def _llama(kv_heads: int = 4, family: str = "llama"):
     """A 2-layer model of the LLaMA family (Qwen2: biased q/k/v projections; Gemma2: its own norms and
-    attention scaling), 4 query heads of 8 channels."""
+    attention scaling; Qwen3: an RMSNorm on every query and key head; OLMo-2: one on all of them together),
+    4 query heads of 8 channels."""
     config_class, model_class = (getattr(transformers, name) for name in FAMILIES[family])
     torch.manual_seed(0)
     config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -46,8 +48,8 @@ def test_mlps_and_rmsnorm_hidden_width_fuse_exactly():
     assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
-@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("gemma2", 2)],
-                         ids=["llama-multi-head", "llama-grouped-query", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("gemma2", 2), ("qwen3", 2)],
+                         ids=["llama-multi-head", "llama-grouped-query", "qwen2", "gemma2", "qwen3"])
 def test_heads_fuse_exactly_in_units_of_a_key_value_head(family, kv_heads):
     """Query heads 2m+1 (with grouped key/value heads: the query heads of key/value head 2m+1, and that
     key/value head) duplicate those of 2m; their output-projection columns are halved so that magnitude
@@ -70,7 +72,8 @@ def test_heads_fuse_exactly_in_units_of_a_key_value_head(family, kv_heads):
     assert_reloads(fused, _llama(kv_heads, family)[0], report, inputs)
 
 
-@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma2", 2)])
+@pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma2", 2),
+                                             ("qwen3", 2)])
 def test_one_call_prunes_heads_mlps_and_hidden_width(family, kv_heads):
     model, inputs = _llama(kv_heads, family)
     report = prune(model, inputs, 0.5)
@@ -81,6 +84,25 @@ def test_one_call_prunes_heads_mlps_and_hidden_width(family, kv_heads):
     with torch.no_grad():
         assert model(**inputs).logits.shape == (2, 8, 50)
     assert_reloads(model, _llama(kv_heads, family)[0], report, inputs)
+
+
+def test_heads_under_one_norm_across_all_heads_are_refused_and_the_rest_prunes():
+    """OLMo-2 normalises the whole query (and key) projection with one RMSNorm: removing a head would change
+    every other head's normalisation, so the heads are refused (the model untouched) and "skip" prunes the
+    MLP neurons and the hidden width."""
+    model, inputs = _llama(2, "olmo2")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(UnsupportedModelError, match="its q_norm normalises all heads' 32 channels together"):
+        prune(model, inputs, 0.5)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.warns(UserWarning, match="left 2 channel group"):
+        report = prune(model, inputs, 0.5, on_unsupported="skip")
+    assert sorted(report.unsupported) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert {g.name for g in report.groups} == {"model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj",
+                                               "model.layers.1.mlp.down_proj"}
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (32, 16)  # heads whole, hidden width halved
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (2, 8, 50)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
