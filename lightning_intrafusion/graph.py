@@ -27,7 +27,9 @@ from lightning_intrafusion.execution import eval_forward, preserved_modes
 from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInputSlice
 from lightning_intrafusion.group import PrunableGroup, is_depthwise
 from lightning_intrafusion.recognised_layers import RECOGNISED, attention_heads, attention_slices
-from lightning_intrafusion.surgery import extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types
+from lightning_intrafusion.surgery import (
+    HEAD_COUNTS, extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types,
+)
 
 _OPTYPE = tp.ops.OPTYPE
 
@@ -347,6 +349,9 @@ def _describe(graph: tp.DependencyGraph, tp_group: Any, names: Dict[nn.Module, s
     if head_dim and width % head_dim == 0 and not through_attention_layer:
         unit = head_dim  # query/key/value channels of attention heads: kept, removed and merged whole heads
     hidden_heads = hidden_heads and unit == 1 and not through_attention_layer
+    if hidden_heads and unsupported is None:
+        unit = declared_head_size(graph.model, producers, width)  # the attention layer says how wide its heads are
+        hidden_heads = unit == 1
     reordered = reshaped and transposed and not head_dim and not through_attention_layer and not hidden_heads
     if width % blocks and unsupported is None:
         unsupported = f"its {width} channels cannot be split into {blocks} equal conv/norm groups"
@@ -412,6 +417,27 @@ def _attention_head_dim(node: Any) -> int:
     (its saved query is ``(..., heads, tokens, head_dim)``), or 0."""
     query = getattr(node.grad_fn, "_saved_query", None) if "ScaledDotProduct" in _grad_fn_name(node) else None
     return int(query.shape[-1]) if isinstance(query, torch.Tensor) and query.dim() >= 3 else 0
+
+
+HEAD_SIZES = ("attention_head_size", "head_dim", "head_size", "d_head")  # attributes giving one head's channels
+
+
+def declared_head_size(model: nn.Module, producers: Sequence[str], width: int) -> int:
+    """For channels that meet in a matrix product of activations (attention written out with ``@``): the head
+    size that the common parent of the layers producing them declares (:data:`HEAD_SIZES`), if it also holds a
+    head count (:data:`~lightning_intrafusion.surgery.HEAD_COUNTS`) and the two multiply to ``width`` (BERT-style
+    ``attention_head_size`` x ``num_attention_heads``); else 1."""
+    parents = {name.rpartition(".")[0] for name in producers}
+    if len(parents) != 1:
+        return 1
+    parent = parents.pop()
+    module = model.get_submodule(parent) if parent else model
+    ints = {attr: getattr(module, attr, None) for attr in HEAD_SIZES + HEAD_COUNTS}
+    ints = {attr: value for attr, value in ints.items() if isinstance(value, int) and not isinstance(value, bool) and value > 0}
+    sizes = {ints[a] for a in HEAD_SIZES if a in ints}
+    counts = {ints[a] for a in HEAD_COUNTS if a in ints}
+    matching = {size for size in sizes for count in counts if size * count == width}
+    return matching.pop() if len(matching) == 1 and 1 not in matching else 1
 
 
 def _activation_matmul(node: Any) -> bool:
