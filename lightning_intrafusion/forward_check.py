@@ -20,8 +20,9 @@ ROLLED_BACK = ("The step was rolled back; leave those layers out with exclude=[.
 
 
 class ForwardBrokenError(RuntimeError):
-    """The pruned model no longer runs on the example inputs, or attends differently (the step is rolled
-    back): ``problem`` says what went wrong, ``reason`` is the forward's own error, ``advice`` what to do."""
+    """The pruned model no longer runs on the example inputs, attends differently or returns outputs of other
+    shapes (the step is rolled back): ``problem`` says what went wrong, ``reason`` is the forward's own error
+    (or the shapes that changed), ``advice`` what to do."""
 
     def __init__(self, problem: str, reason: str, advice: str = ROLLED_BACK) -> None:
         super().__init__(f"{problem}. {advice}")
@@ -91,7 +92,12 @@ def check_still_runs(model: nn.Module, example_inputs: Any, before: Signature) -
             reason=f"attention regrouped: {detail}",
         )
     if after.outputs != before.outputs:
-        raise RuntimeError("pruning changed the model's output shape; the step was rolled back")
+        detail = f"the model's output shapes change from {before.outputs} to {after.outputs}"
+        raise ForwardBrokenError(
+            f"the pruned model still runs but {detail}: some pruned channels reach an output without passing "
+            f"a layer (e.g. a residual stream returned as last_hidden_state), which the dependency graph does not show",
+            reason=detail,
+        )
 
 
 def _tensors(obj: Any) -> List[Tensor]:

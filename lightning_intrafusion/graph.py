@@ -64,7 +64,9 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
 def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
     """Torch-Pruning leaves a channel concat without offsets when the concatenated tensor is later
     flattened (it compares the concat width with the flattened consumer's width). The concat sizes
-    it inferred are right; apply them without that comparison."""
+    it inferred are right; apply them without that comparison, where the consumer's width is a multiple
+    of theirs (flattened spatial positions). Any other width means the concat was not along the channels
+    (a class token prepended to a ``(batch, tokens, width)`` sequence, as in CLIP): left alone."""
     from torch_pruning.dependency import index_mapping, shape_infer
 
     for node in graph.module2node.values():
@@ -72,6 +74,13 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
             continue
         sizes = node.module.concat_sizes
         if getattr(node.grad_fn, "_saved_dim", 1) != 1 or not sizes or any(c is None for c in sizes):
+            continue
+        consumer_width = shape_infer.infer_in_channels_recursively(graph, node, recursive_depth=[0])
+        if consumer_width is not None and consumer_width % sum(sizes):
+            if all(size == consumer_width for size in sizes):
+                # along the tokens: every input carries the same channels, which Torch-Pruning's default
+                # (identity) index mappings already follow; nothing to shift
+                node.module.offsets = [0] * (len(sizes) + 1)
             continue
         original = shape_infer.infer_in_channels_recursively
         shape_infer.infer_in_channels_recursively = lambda *args, **kwargs: None
@@ -83,9 +92,9 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 
 def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
-    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2, GPT-NeoX) and grouped
-    key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with packed gate
-    and up projections (Phi-3).
+    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2, GPT-NeoX, ModernBERT) and
+    grouped key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with
+    packed gate and up projections (Phi-3, ModernBERT).
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
     (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.

@@ -339,6 +339,32 @@ def test_the_error_names_the_group_that_breaks_the_forward():
     assert f"channel group of {breaking!r} pruned" in str(err.value) and "'fc1'" not in str(err.value)
 
 
+class ReturnsItsStream(nn.Module):
+    """Returns the residual stream next to the logits (like a Hugging Face model's last_hidden_state): its
+    width is an output without any layer producing it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.fc2, self.head = nn.Linear(64, 16), nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        stream = self.embed(x.flatten(1))
+        stream = stream + self.fc2(torch.relu(self.fc1(stream)))
+        return self.head(stream), stream
+
+
+def test_a_width_returned_without_a_layer_is_found_by_the_output_check():
+    model = ReturnsItsStream()
+    before = state(model)
+    with pytest.raises(ForwardBrokenError, match=r"output shapes change from \[\(8, 10\), \(8, 16\)\] to "
+                                                 r"\[\(8, 10\), \(8, 8\)\]"):
+        prune(model, X, 0.5)
+    assert_same_state(before, state(model))
+    with pytest.warns(UserWarning, match="output shapes change"):
+        report = prune(model, X, 0.5, on_unsupported="skip")
+    assert [g.name for g in report.groups] == ["fc1"] and [tuple(t.shape) for t in model(X)] == [(8, 10), (8, 16)]
+
+
 class ExplicitMatmulAttention(nn.Module):
     """Attention written out with ``@`` (no scaled_dot_product_attention): 4 heads of 8."""
 

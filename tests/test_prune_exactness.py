@@ -78,6 +78,25 @@ class PatchEmbedMLP(nn.Module):
         return self.head(tokens.mean(1))
 
 
+class ClassTokenNet(nn.Module):
+    """CLIP-style: a class token (a 1-D parameter) prepended to the patch tokens by a concat along the tokens,
+    position embeddings from an ``nn.Embedding``, a residual MLP, the classifier on the class token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, 16, 4, stride=4)
+        self.class_embedding = nn.Parameter(torch.randn(16))
+        self.position = nn.Embedding(5, 16)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 10)
+        self.register_buffer("position_ids", torch.arange(5))
+
+    def forward(self, x):
+        patches = self.proj(x.reshape(-1, 1, 8, 8)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_embedding.expand(len(x), 1, -1), patches], dim=1) + self.position(self.position_ids)
+        tokens = tokens + self.fc2(torch.relu(self.fc1(tokens)))
+        return self.head(tokens[:, 0])
+
+
 class SwiGLUBlock(nn.Module):
     """LLaMA-style gated MLP: down(silu(gate(x)) * up(x)) on a residual stream of tokens."""
 
@@ -160,6 +179,7 @@ CASES = {
     "mlp": (MLP, {}),
     "unet_transposed_conv_concat": (TinyUNet, {}),
     "vit_patch_embedding": (PatchEmbedMLP, {}),
+    "class_token_concat_along_tokens": (ClassTokenNet, {}),
     "swiglu_gated_mlp": (SwiGLUBlock, {}),
     "convnext_blocks": (ConvNeXtNet, {}),
     "densenet_concat_chain": (DenseChain, {}),
@@ -199,7 +219,7 @@ CASES = {
 # features, and the twin of a removed channel need not be its nearest kept channel: their exactness
 # is asserted with producer features.
 TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d",
-                          "vit_patch_embedding", "swiglu_gated_mlp", "conv3d_batchnorm3d", "convnext_blocks"}
+                          "vit_patch_embedding", "class_token_concat_along_tokens", "swiglu_gated_mlp", "conv3d_batchnorm3d", "convnext_blocks"}
 
 
 def _prepared(name):
