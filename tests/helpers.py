@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -209,6 +210,18 @@ def halve_odd_rows(layer: nn.Module) -> None:
     homogeneous, they output exactly half of what their even neighbours do; L1 ranks them last."""
     layer.weight[1::2] = 0.5 * layer.weight[0::2]
     layer.bias[1::2] = 0.5 * layer.bias[0::2]
+
+
+def refused_untouched_then_skipped(model: nn.Module, inputs: Any, error: type, message: str, warning: str,
+                                   **kwargs: Any) -> PruneReport:
+    """``prune(model, inputs, 0.5, **kwargs)`` raises ``error`` matching ``message`` and leaves the model as it
+    was; with ``on_unsupported="skip"`` it warns (matching ``warning``), prunes the rest and returns the report."""
+    before = state(model)
+    with pytest.raises(error, match=message):
+        prune(model, inputs, 0.5, **kwargs)
+    assert_same_state(before, state(model))
+    with pytest.warns(UserWarning, match=warning):
+        return prune(model, inputs, 0.5, on_unsupported="skip", **kwargs)
 
 
 @torch.no_grad()

@@ -8,7 +8,10 @@ import torch
 import torch_pruning
 from torch import nn
 
-from helpers import ChannelShuffleNet, EvenUnitsFirst, assert_same_state, odd_rows_at_cosine, randomize_batchnorm, state
+from helpers import (
+    ChannelShuffleNet, EvenUnitsFirst, assert_same_state, odd_rows_at_cosine, randomize_batchnorm,
+    refused_untouched_then_skipped, state,
+)
 from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import ForwardBrokenError, OTConfig, TransportError, UnsupportedModelError, prune
 from lightning_intrafusion.calibration import recalibrate_batchnorm
@@ -355,13 +358,9 @@ class ReturnsItsStream(nn.Module):
 
 def test_a_width_returned_without_a_layer_is_found_by_the_output_check():
     model = ReturnsItsStream()
-    before = state(model)
-    with pytest.raises(ForwardBrokenError, match=r"output shapes change from \[\(8, 10\), \(8, 16\)\] to "
-                                                 r"\[\(8, 10\), \(8, 8\)\]"):
-        prune(model, X, 0.5)
-    assert_same_state(before, state(model))
-    with pytest.warns(UserWarning, match="output shapes change"):
-        report = prune(model, X, 0.5, on_unsupported="skip")
+    report = refused_untouched_then_skipped(
+        model, X, ForwardBrokenError, r"output shapes change from \[\(8, 10\), \(8, 16\)\] to \[\(8, 10\), \(8, 8\)\]",
+        "output shapes change")
     assert [g.name for g in report.groups] == ["fc1"] and [tuple(t.shape) for t in model(X)] == [(8, 10), (8, 16)]
 
 
@@ -618,13 +617,9 @@ def test_a_group_torch_pruning_fails_on_is_refused_with_its_error(monkeypatch):
 
     monkeypatch.setattr(torch_pruning.DependencyGraph, "get_pruning_group", failing_for_fc1)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 10))
-    before = state(model)
-    with pytest.raises(UnsupportedModelError, match=r"'1': Torch-Pruning failed to resolve its dependencies "
-                                                    r"\(ZeroDivisionError: integer division"):
-        prune(model, X, 0.5)
-    assert_same_state(before, state(model))
-    with pytest.warns(UserWarning, match="left 1 channel group"):
-        report = prune(model, X, 0.5, on_unsupported="skip")
+    report = refused_untouched_then_skipped(
+        model, X, UnsupportedModelError, r"'1': Torch-Pruning failed to resolve its dependencies \(ZeroDivisionError: "
+        "integer division", "left 1 channel group")
     assert [(g.name, g.width_after) for g in report.groups] == [("3", 8)] and model[1].out_features == 16
 
 
