@@ -90,14 +90,16 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
             shape_infer.infer_in_channels_recursively = original
 
 
-def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
+def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] = None) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
     then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2, GPT-NeoX, ModernBERT) and
     grouped key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with
     packed gate and up projections (Phi-3, ModernBERT).
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
-    (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group.
+    (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group. ``unresolved`` (root layer
+    name -> reason) remembers the groups Torch-Pruning could not resolve, across graphs of the same model:
+    a later call refuses them at once instead of waiting for them again.
     """
     names = {m: n for n, m in graph.model.named_modules()}
     tied = _tied_parameters(graph.model)
@@ -108,7 +110,7 @@ def iter_groups(graph: tp.DependencyGraph) -> Iterator[PrunableGroup]:
                   for name, module in graph.model.named_modules()
                   if _traced(graph, getattr(module, projections[0], None)) and recognise(module)]
     own = {getattr(module, p) for _, projections, _, module in recognised for p in projections}
-    for root, tp_group in _tp_groups(graph, roots, names, skip=own):
+    for root, tp_group in _tp_groups(graph, roots, names, skip=own, unresolved=unresolved):
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
             yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
@@ -156,14 +158,16 @@ def _time_limit(seconds: float) -> Iterator[None]:
 
 
 def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[nn.Module, str],
-               skip: Collection[nn.Module] = ()) -> Iterator[Tuple[nn.Module, Any]]:
+               skip: Collection[nn.Module] = (), unresolved: Optional[Dict[str, str]] = None
+               ) -> Iterator[Tuple[nn.Module, Any]]:
     """Torch-Pruning's groups, one per root layer not yet covered by an earlier group (as its
     ``get_all_groups``), each resolved under a time limit. A group Torch-Pruning cannot resolve (its search
     never ends on some graphs, or fails) comes as ``(root, reason)`` instead of hanging or crashing the
     caller, and so do, at
     once, the groups of layers of the same type at the same place in other repeated blocks (the same name
     up to block indices: ``layers.*.attn.q``), which would only spend the same time to fail the same way.
-    Layers in ``skip`` are not made roots."""
+    Layers in ``skip`` are not made roots; ``unresolved`` (see :func:`iter_groups`) is read and extended."""
+    unresolved = {} if unresolved is None else unresolved
     covered = set(skip)
     ignored = set(graph.IGNORED_LAYERS_IN_TRACING)
     timed_out: Dict[Tuple[type, str], str] = {}
@@ -174,11 +178,16 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[n
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         name = names.get(module, "")
+        if name and name in unresolved:
+            covered.add(module)
+            yield module, unresolved[name]
+            continue
         like = (type(module), _block_pattern(name))
         if like[1] is not None and like in timed_out:
             covered.add(module)
-            yield module, (f"Torch-Pruning could not resolve the dependencies of {timed_out[like]!r} within "
-                           f"{GROUP_SECONDS:g} s, and this layer has the same place in another repeated block")
+            unresolved[name] = (f"Torch-Pruning could not resolve the dependencies of {timed_out[like]!r} within "
+                                f"{GROUP_SECONDS:g} s, and this layer has the same place in another repeated block")
+            yield module, unresolved[name]
             continue
         try:
             with _time_limit(GROUP_SECONDS):
@@ -187,13 +196,15 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[n
         except _GroupTimeout:
             covered.add(module)
             timed_out[like] = name
-            yield module, (f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a cycle "
-                           "of slices and concatenations, e.g. rotary position embeddings)")
+            unresolved[name] = (f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a "
+                                "cycle of slices and concatenations, e.g. rotary position embeddings)")
+            yield module, unresolved[name]
             continue
         except Exception as err:  # an index mapping Torch-Pruning cannot apply to this graph
             covered.add(module)
-            yield module, (f"Torch-Pruning failed to resolve its dependencies ({type(err).__name__}: {err}), "
-                           "e.g. on a reshape or repeat of its channels it cannot map")
+            unresolved[name] = (f"Torch-Pruning failed to resolve its dependencies ({type(err).__name__}: {err}), "
+                                "e.g. on a reshape or repeat of its channels it cannot map")
+            yield module, unresolved[name]
             continue
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):

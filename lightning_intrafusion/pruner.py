@@ -219,11 +219,13 @@ class _Step:
     calibration: Optional[Tuple[Iterable[Any], Optional[int]]] = None  # (batches, at most how many) to compensate on
     statistics: Dict[str, InputStatistics] = field(default_factory=dict)  # of consumer inputs, once measured
     outputs: Dict[str, List[Tensor]] = field(default_factory=dict)  # unpruned layer outputs, for the refit
+    unresolved: Dict[str, str] = field(default_factory=dict)  # groups Torch-Pruning could not resolve, by root
 
     def select(self, model: nn.Module) -> Tuple[tp.DependencyGraph, List[PrunableGroup], Dict[str, str]]:
         self.log("tracing the model and building its dependency graph")
         graph = build_graph(model, self.example_inputs)
-        selected, skipped = select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported)
+        selected, skipped = select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported,
+                                          self.unresolved)
         selected = check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
         return graph, selected, skipped
 

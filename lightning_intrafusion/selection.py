@@ -18,13 +18,14 @@ from lightning_intrafusion.report import UNSUPPORTED
 
 def select_groups(
     graph: tp.DependencyGraph, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]],
-    channel_blocks: Mapping[str, int], on_unsupported: str = "raise",
+    channel_blocks: Mapping[str, int], on_unsupported: str = "raise", unresolved: Optional[Dict[str, str]] = None,
 ) -> Tuple[List[PrunableGroup], Dict[str, str]]:
-    """Names of the groups to prune (validated, before anything is modified) and why others are not."""
+    """Names of the groups to prune (validated, before anything is modified) and why others are not
+    (``unresolved``: see :func:`~lightning_intrafusion.graph.iter_groups`)."""
     selected: List[PrunableGroup] = []
     skipped: Dict[str, str] = {}
     used = {g: False for g in list(include or []) + list(exclude or []) + list(channel_blocks)}
-    for group in iter_groups(graph):
+    for group in iter_groups(graph, unresolved):
         for pattern in used:
             if any(matches(name, [pattern]) for name in group.members):
                 used[pattern] = True
