@@ -92,8 +92,8 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 
 def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] = None) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
-    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2, GPT-NeoX, ModernBERT) and
-    grouped key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with
+    then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2), interleaved (GPT-NeoX),
+    sectioned (ModernBERT) and grouped key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with
     packed gate and up projections (Phi-3, ModernBERT).
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
@@ -163,9 +163,9 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[n
     """Torch-Pruning's groups, one per root layer not yet covered by an earlier group (as its
     ``get_all_groups``), each resolved under a time limit. A group Torch-Pruning cannot resolve (its search
     never ends on some graphs, or fails) comes as ``(root, reason)`` instead of hanging or crashing the
-    caller, and so do, at
-    once, the groups of layers of the same type at the same place in other repeated blocks (the same name
-    up to block indices: ``layers.*.attn.q``), which would only spend the same time to fail the same way.
+    caller, and so do, at once, the groups of layers of the same type at the same place in other repeated
+    blocks (the same name up to block indices: ``layers.*.attn.q``), which would only spend the same time
+    to fail the same way.
     Layers in ``skip`` are not made roots; ``unresolved`` (see :func:`iter_groups`) is read and extended."""
     unresolved = {} if unresolved is None else unresolved
     covered = set(skip)
