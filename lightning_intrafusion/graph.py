@@ -93,8 +93,8 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
 def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] = None) -> Iterator[PrunableGroup]:
     """Every dependency group of the (unpruned) model, rooted at a conv, linear or embedding layer,
     then the attention heads of every ``nn.MultiheadAttention``, packed-qkv (GPT-2), interleaved (GPT-NeoX),
-    sectioned (ModernBERT) and grouped key/value (LLaMA family, Phi) attention layer the model ran, and the neurons of every gated MLP with
-    packed gate and up projections (Phi-3, ModernBERT).
+    sectioned (ModernBERT) and grouped key/value (LLaMA family, Phi) attention layer the model ran, and the
+    neurons of every gated MLP with packed gate and up projections (Phi-3, ModernBERT).
 
     Indices are only valid for the graph as traced: decide every group, then remove channels once
     (:mod:`lightning_intrafusion.surgery`), rather than pruning group by group. ``unresolved`` (root layer
