@@ -28,7 +28,7 @@ from lightning_intrafusion.fusion import BatchNormFold, ChannelSlice, GroupedInp
 from lightning_intrafusion.group import PrunableGroup, is_depthwise
 from lightning_intrafusion.recognised_layers import RECOGNISED, attention_heads, attention_slices
 from lightning_intrafusion.surgery import (
-    HEAD_COUNTS, extra_pruners, is_grouped_conv, parameter_owner, transposed_linear_types,
+    HEAD_COUNTS, extra_pruners, is_grouped_conv, parameter_owner, shared_parameters, transposed_linear_types,
 )
 
 _OPTYPE = tp.ops.OPTYPE
@@ -102,7 +102,9 @@ def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] 
     a later call refuses them at once instead of waiting for them again.
     """
     names = {m: n for n, m in graph.model.named_modules()}
-    tied = _tied_parameters(graph.model)
+    tied = shared_parameters(graph.model)
+    traced = {names[m] for m in graph.module2node if isinstance(m, nn.Module) and m in names}
+    untraced = {name for shared in tied.values() for name in shared if name.rpartition(".")[0] not in traced}
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
     # attention layers and packed MLPs recognised by their attributes: their channels come from the modules
     # below, not from Torch-Pruning's groups of their projections (which it cannot resolve)
@@ -116,12 +118,12 @@ def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] 
             yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
                                 root_module=root, unsupported=tp_group)
             continue
-        yield _refuse_unprunable(_describe(graph, tp_group, names), tied)
+        yield _refuse_unprunable(_describe(graph, tp_group, names), tied, untraced)
     for name, module in graph.model.named_modules():
         if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-            yield _refuse_unprunable(attention_heads(name, module), tied)
+            yield _refuse_unprunable(attention_heads(name, module), tied, untraced)
     for build, _, name, module in recognised:
-        yield _refuse_unprunable(build(name, module), tied)
+        yield _refuse_unprunable(build(name, module), tied, untraced)
 
 
 def _traced(graph: tp.DependencyGraph, layer: Any) -> bool:
@@ -221,17 +223,10 @@ def _block_pattern(name: str) -> Optional[str]:
     return ".".join("*" if p.isdigit() else p for p in parts) if inside_block else None
 
 
-def _tied_parameters(model: nn.Module) -> Dict[int, List[str]]:
-    """Parameters that several layers share (e.g. tied input and output embeddings): id -> names."""
-    owners: Dict[int, List[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    return {key: names for key, names in owners.items() if len(names) > 1}
-
-
-def _refuse_unprunable(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
-    """``group``, marked unsupported if a tensor it would resize is shared or reparameterised."""
-    return _refuse_reparameterised(_refuse_tied(group, tied))
+def _refuse_unprunable(group: PrunableGroup, tied: Dict[int, List[str]], untraced: Collection[str] = ()) -> PrunableGroup:
+    """``group``, marked unsupported if a tensor it would resize is shared other than as one tied tensor
+    (see :func:`_refuse_tied`) or reparameterised."""
+    return _refuse_reparameterised(_refuse_tied(group, tied, untraced))
 
 
 def _refuse_reparameterised(group: PrunableGroup) -> PrunableGroup:
@@ -253,13 +248,23 @@ def _refuse_reparameterised(group: PrunableGroup) -> PrunableGroup:
     return group
 
 
-def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
-    """A group that would remove or merge channels of a shared parameter in one of its layers only
-    (the others see other channels of it, or none) cannot be pruned without untying it."""
-    shared = next((tied[id(s.tensor)] for s in group.slices if id(s.tensor) in tied), None)
-    if shared is not None and group.unsupported is None:
-        group.unsupported = (f"its channels live in {' = '.join(shared)}, one shared (tied) parameter, e.g. tied "
-                             "input and output embeddings; pruning it in one layer would untie them")
+def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]], untraced: Collection[str]) -> PrunableGroup:
+    """A group whose channels live in a shared parameter (tied input and output embeddings) is pruned only if
+    every layer sharing it (that the forward reaches: ``untraced`` names the others' parameters) is in the
+    group and sees the same channels of it along the same dimension: the
+    columns then go once for all of them, and the group is marked ``tied`` (removed without merging: one
+    tensor cannot be averaged as an embedding and summed as an output layer). Otherwise pruning it in some
+    layers only would untie them: refused."""
+    for key in {id(s.tensor) for s in group.slices} & set(tied):
+        names = [name for name in tied[key] if name not in untraced]  # layers the forward never reached: not used
+        uses = [s for s in group.slices if id(s.tensor) == key]
+        consistent = (sorted(s.key for s in uses) == sorted(names)
+                      and all(s.dim == uses[0].dim and torch.equal(s.positions, uses[0].positions) for s in uses))
+        if not consistent and group.unsupported is None:
+            group.unsupported = (f"its channels live in {' = '.join(names)}, one shared (tied) parameter, e.g. tied "
+                                 "input and output embeddings, which layers outside this group also use (or use "
+                                 "along another dimension); pruning it would untie them")
+        group.tied = group.tied or consistent
     return group
 
 

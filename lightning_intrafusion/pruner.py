@@ -45,7 +45,9 @@ from lightning_intrafusion.reconstruction import record_outputs, refit_layers, r
 from lightning_intrafusion.report import UNSUPPORTED, GroupReport, PruneReport
 from lightning_intrafusion.selection import block_size, check_reordered_channels, choose_kept, kept_width, select_groups
 from lightning_intrafusion.snapshot import ModelSnapshot
-from lightning_intrafusion.surgery import Removal, apply_removals, complement, head_count_removals, merge_removals
+from lightning_intrafusion.surgery import (
+    Removal, apply_removals, complement, head_count_removals, merge_removals, shared_parameters,
+)
 from lightning_intrafusion.synthetic import synthesize_inputs
 
 METHODS = ("intrafusion", "default")
@@ -254,8 +256,10 @@ class _Step:
         if self.calibration is None or self.compensation != "refit":
             return {}
         modules = {id(m): n for n, m in model.named_modules()}
+        shared = set(shared_parameters(model))  # a tied weight serves other layers too: never refit
         names = {modules[id(module)] for g in groups for module, _ in g.targets.values()
-                 if id(module) in modules and refittable(module)}
+                 if id(module) in modules and refittable(module)
+                 and not any(id(p) in shared for p in module.parameters(recurse=False))}
         missing = names - set(self.outputs)
         if missing:
             self.log(f"recording the outputs of {len(missing)} layer(s) on the calibration data")
@@ -348,6 +352,7 @@ def _prune_groups(
     moments were measured, ``"mean"`` elsewhere)."""
     reports: List[GroupReport] = []
     entries = []
+    shared = set(shared_parameters(graph.model))
     for number, group in enumerate(groups, 1):
         started = time.perf_counter()
         group.refresh()
@@ -362,10 +367,11 @@ def _prune_groups(
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()
+        shared_keys = {s.key for s in group.slices if id(s.tensor) in shared}  # tied weights: columns only removed
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
-        if method == "intrafusion":
+        if method == "intrafusion" and not group.tied:  # a tied tensor cannot be averaged and summed at once
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
         # from the consumer columns as they are before fusion
@@ -374,6 +380,7 @@ def _prune_groups(
             lost = _lost_shares(group.width, removed, transport)
             if compensation == "linear":
                 updates = lost_linear_compensation(group.slices, statistics, lost, _expand_index(kept, unit))
+                updates = {key: update for key, update in updates.items() if key not in shared_keys}
             shifts = lost_mean_shifts([s for s in group.slices if s.key not in updates], statistics, lost)
         if transport is not None:
             report.merged = _fuse(graph, group, transport, kept, unit, group_config)
@@ -384,6 +391,7 @@ def _prune_groups(
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
                                                removed.tolist()))
         merged = f", {report.merged} merged" if method == "intrafusion" else ""
+        merged += " (tied weights: removed, not merged)" if group.tied and method == "intrafusion" else ""
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")
     names = {m: n for n, m in graph.model.named_modules()}

@@ -108,14 +108,42 @@ def merge_removals(entries: Sequence[Tuple[Any, str, Sequence[int]]], names: Dic
 
 def apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
     """Remove the listed channels (indices refer to the widths before this call). Parameters keep
-    their ``requires_grad`` (frozen layers stay frozen)."""
+    their ``requires_grad`` (frozen layers stay frozen), and parameters that several layers shared (tied
+    embeddings) are shared again: each layer's removal made its own copy, which must agree."""
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    shared = shared_parameters(model)
     try:
         _apply_removals(model, removals)
+        _tie_again(model, shared)
     finally:
         for name, p in model.named_parameters():
             if name in trainable and p.requires_grad != trainable[name]:
                 p.requires_grad_(trainable[name])
+
+
+def shared_parameters(model: nn.Module) -> Dict[int, List[str]]:
+    """Parameters that several layers share (e.g. tied input and output embeddings): id -> names."""
+    owners: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return {key: names for key, names in owners.items() if len(names) > 1}
+
+
+def _tie_again(model: nn.Module, shared: Dict[int, List[str]]) -> None:
+    """Every layer of a formerly shared parameter (``shared``: its id before the removals -> names) gets the
+    one pruned copy; the removals of the layers that had it pruned must agree (layers the forward never
+    reached, such as a Hugging Face model's unused ``shared`` embedding, simply take it)."""
+    for original, names in shared.items():
+        slots = [parameter_owner(model, name) for name in names]
+        pruned = [getattr(owner, attr) for owner, attr in slots]
+        pruned = [p for p in pruned if id(p) != original]
+        if not pruned:
+            continue
+        if any(p.shape != pruned[0].shape or not torch.equal(p.data, pruned[0].data) for p in pruned):
+            raise ValueError(f"pruning left the shared parameter {' = '.join(names)} different in its layers "
+                             f"({', '.join(str(tuple(p.shape)) for p in pruned)})")
+        for owner, attr in slots:
+            setattr(owner, attr, pruned[0])
 
 
 def head_count_removals(model: nn.Module, projections: Sequence[str], width: int, head_size: int, unit: int,

@@ -52,8 +52,10 @@ def test_fusing_duplicated_heads_preserves_outputs():
 
 
 def test_masked_lm_with_tied_embeddings():
-    """BertForMaskedLM ties its output layer to the word embeddings: the width they share is refused
-    (pruning it would untie them), while heads and feed-forward neurons prune and the tie holds."""
+    """BertForMaskedLM ties its output layer to the word embeddings, but a dense layer (the prediction head's
+    transform) lies between the stream and the output layer: the embedding's columns are the stream's channels,
+    the output layer's are the transform's, two groups that one tensor couples. Both are refused (pruning
+    either would untie them), while heads and feed-forward neurons prune and the tie holds."""
     from lightning_intrafusion import UnsupportedModelError
 
     torch.manual_seed(0)

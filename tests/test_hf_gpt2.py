@@ -11,7 +11,7 @@ from helpers import (
     EvenUnitsFirst, assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units,
     fuse_and_prune_plainly, prune_with_mirrored_momentum,
 )
-from lightning_intrafusion import UnsupportedModelError, prune
+from lightning_intrafusion import prune
 
 transformers = pytest.importorskip("transformers")
 
@@ -77,24 +77,30 @@ def test_heads_of_packed_attention_are_fused_exactly_and_replay():
     assert_reloads(fused, _gpt2()[0], report, inputs)
 
 
-def test_tied_width_is_refused():
+def test_tied_width_is_pruned_once_and_stays_tied():
+    """The hidden width lives in the embedding that the output layer shares: its columns go once for both,
+    without merging (one tensor cannot be averaged as an embedding and summed as an output layer); the
+    heads and MLP neurons are fused as usual, and the pruned model reloads tied."""
     model, inputs = _gpt2()
-    with pytest.raises(UnsupportedModelError, match="wte.weight = lm_head.weight"):
-        prune(model, inputs, 0.5)
+    report = prune(model, inputs, 0.5)
+    assert not report.unsupported
+    hidden = {g.name: g for g in report.groups}["transformer.h.1.mlp.c_proj"]
+    assert (hidden.width_before, hidden.width_after, hidden.merged) == (32, 16, 0)
+    assert model.lm_head.weight is model.transformer.wte.weight and model.transformer.wte.weight.shape == (50, 16)
+    assert sum(p.numel() for p in model.parameters()) == report.params_after
+    with torch.no_grad():
+        assert model(**inputs).logits.shape == (2, 8, 50)
+    fresh = _gpt2()[0]
+    assert_reloads(model, fresh, report, inputs)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
     with pytest.raises(ValueError, match="use_cache=False"):
         prune(model, {"input_ids": inputs["input_ids"]}, 0.5, include=MLP)
 
 
-def test_one_call_prunes_what_can_be_pruned_when_told_to_skip_the_rest():
+def test_optimizer_state_of_the_tied_width_is_sliced_once():
     model, inputs = _gpt2()
-    with pytest.warns(UserWarning, match="left 1 channel group"):
-        report = prune(model, inputs, 0.5, on_unsupported="skip")
-    assert sorted(g.name for g in report.groups) == ["transformer.h.0.attn", "transformer.h.0.mlp.c_fc",
-                                                     "transformer.h.1.attn", "transformer.h.1.mlp.c_fc"]
-    assert list(report.unsupported) == ["transformer.h.1.mlp.c_proj"]
-    assert "wte.weight = lm_head.weight" in report.unsupported["transformer.h.1.mlp.c_proj"]
+    prune_with_mirrored_momentum(model, lambda m: prune(m, inputs, 0.5, method="default"))
     assert model.lm_head.weight is model.transformer.wte.weight
-    assert model(**inputs).logits.shape == (2, 8, 50)
 
 
 def test_square_conv1d_pruned_on_both_sides_keeps_matching_optimizer_state():
@@ -117,7 +123,7 @@ def _held_out_error(model, inputs, **kwargs):
     with torch.no_grad():
         expected = model(**held_out).logits
     pruned = copy.deepcopy(model)
-    prune(pruned, inputs, 0.5, calibration_data=batches, on_unsupported="skip", **kwargs)
+    prune(pruned, inputs, 0.5, calibration_data=batches, exclude=["*.wte"], **kwargs)  # heads and MLP neurons
     with torch.no_grad():
         return ((pruned(**held_out).logits - expected).norm() / expected.norm()).item()
 

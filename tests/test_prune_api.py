@@ -9,8 +9,8 @@ import torch_pruning
 from torch import nn
 
 from helpers import (
-    ChannelShuffleNet, EvenUnitsFirst, assert_same_state, odd_rows_at_cosine, randomize_batchnorm,
-    refused_untouched_then_skipped, state,
+    ChannelShuffleNet, EvenUnitsFirst, assert_same_state, duplicate_odd_units, odd_rows_at_cosine,
+    randomize_batchnorm, refused_untouched_then_skipped, state,
 )
 from test_prune_exactness import GroupedConvNet
 from lightning_intrafusion import ForwardBrokenError, OTConfig, TransportError, UnsupportedModelError, prune
@@ -280,17 +280,61 @@ class TiedEmbeddings(nn.Module):
         return self.decoder(h + self.fc2(torch.relu(self.fc1(h))))
 
 
-def test_tied_weights_are_refused_and_stay_tied():
+@torch.no_grad()
+def test_a_tied_width_is_pruned_once_for_both_layers_and_stays_tied():
+    """Hidden channels 1, 3, ... silenced (embedding columns, which the decoder shares, and fc2's rows): plain
+    pruning removes exactly those once, for the embedding and the decoder alike, and the outputs are unchanged;
+    fusion leaves the tied group unmerged and fuses the MLP."""
+    torch.manual_seed(0)
+    model = TiedEmbeddings()
+    model.embed.weight[:, 1::2] = 0
+    model.fc2.weight[1::2] = 0
+    model.fc2.bias[1::2] = 0
+    ids = torch.randint(0, 20, (4, 6))
+    expected = model(ids)
+    plain, fused = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(plain, ids, 0.5, method="default", importance="l2", include=["embed"])
+    assert [(g.name, g.width_after) for g in report.groups] == [("embed", 8)]
+    assert plain.decoder.weight is plain.embed.weight and plain.embed.weight.shape == (20, 8)
+    assert torch.allclose(plain(ids), expected, atol=1e-6)
+    duplicate_odd_units(fused, ids, include=["embed"])  # every removed channel a twin of a kept one: fusion would merge
+    report = prune(fused, ids, 0.5, importance=EvenUnitsFirst(), ot_config=OTConfig(features="producer"))
+    assert {g.name: g.merged for g in report.groups}["embed"] == 0 and fused.decoder.weight is fused.embed.weight
+    assert sum(p.numel() for p in fused.parameters()) == report.params_after and fused(ids).shape == (4, 6, 20)
+
+
+@pytest.mark.parametrize("compensation", ["linear", "refit"])
+def test_repairs_with_data_leave_a_tied_weight_alone(compensation):
+    """Linear compensation and the refit would rewrite the decoder's columns, which are the embedding's: the
+    tied weight keeps its kept columns as they were, and stays tied."""
+    torch.manual_seed(0)
     model = TiedEmbeddings()
     ids = torch.randint(0, 20, (4, 6))
-    before = state(model)
-    with pytest.raises(UnsupportedModelError, match=r"embed.weight = decoder.weight, one shared \(tied\) parameter"):
-        prune(model, ids, 0.5)
-    assert_same_state(before, state(model))
-    assert model.decoder.weight is model.embed.weight
-    report = prune(model, ids, 0.5, include=["fc1"])  # the hidden neurons alone are fine
-    assert [g.width_after for g in report.groups] == [16]
-    assert model.decoder.weight is model.embed.weight and model(ids).shape == (4, 6, 20)
+    batches = [torch.randint(0, 20, (8, 6), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    before = model.embed.weight.detach().clone()
+    report = prune(model, ids, 0.5, include=["embed"], calibration_data=batches, compensation=compensation)
+    kept = [c for c in range(16) if c not in next(idx for name, side, idx in report.removals if name == "embed")]
+    assert model.decoder.weight is model.embed.weight and torch.equal(model.embed.weight.detach(), before[:, kept])
+
+
+class SquareTied(nn.Module):
+    """Two square layers sharing one weight, one after the other: the hidden channels are its rows in the
+    first and its columns in the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.fc2, self.head = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+        self.fc2.weight = self.fc1.weight
+
+    def forward(self, x):
+        return self.head(self.fc2(torch.relu(self.fc1(self.embed(x.flatten(1))))))
+
+
+def test_a_tied_weight_seen_along_two_dimensions_is_refused_and_stays_tied():
+    model = SquareTied()
+    report = refused_untouched_then_skipped(model, X, UnsupportedModelError,
+                                            r"fc1.weight = fc2.weight, one shared \(tied\) parameter", "left 3 channel group")
+    assert not report.groups and model.fc2.weight is model.fc1.weight and model.fc1.weight.shape == (16, 16)
 
 
 class PackedQKVNet(nn.Module):
