@@ -70,6 +70,12 @@ def _repair_concat_offsets(graph: tp.DependencyGraph) -> None:
     from torch_pruning.dependency import index_mapping, shape_infer
 
     for node in graph.module2node.values():
+        if node.type == _OPTYPE.CONCAT and not node.enable_index_mapping and node.module.offsets is not None:
+            # Torch-Pruning turns the index mapping off for every concat downstream of a 3-D parameter (its
+            # workaround for a ViT's class token, concatenated along the tokens), which also catches real channel
+            # concats after it (DINOv2's classifier reads [class token, mean of patch tokens]): a concat whose
+            # offsets it inferred, its consumer as wide as all inputs together, is along the channels
+            node.enable_index_mapping = True
         if node.type != _OPTYPE.CONCAT or node.module.offsets is not None:
             continue
         sizes = node.module.concat_sizes

@@ -1,5 +1,6 @@
-"""A Hugging Face ViT (built from a small config, nothing downloaded): patch embedding (conv ->
-flatten -> transpose), class token and position embeddings on the residual stream, heads, MLP."""
+"""Hugging Face ViT and DINOv2 (built from small configs, nothing downloaded): patch embedding (conv ->
+flatten -> transpose), class token and position embeddings on the residual stream, heads, MLP; DINOv2 adds
+layer scale and a classifier on the class token and the mean of the patch tokens."""
 
 import copy
 
@@ -12,12 +13,19 @@ from lightning_intrafusion import OTConfig, prune
 transformers = pytest.importorskip("transformers")
 
 
-def test_whole_vit_fuses_duplicated_channels_exactly():
+SMALL = dict(image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_labels=10, attn_implementation="sdpa")
+MODELS = {
+    "vit": lambda: transformers.ViTForImageClassification(transformers.ViTConfig(**SMALL, intermediate_size=128)),
+    # layer scale on both branches; the classifier reads the class token and the mean of the patch tokens
+    "dinov2": lambda: transformers.Dinov2ForImageClassification(transformers.Dinov2Config(**SMALL, mlp_ratio=2)),
+}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_whole_vit_fuses_duplicated_channels_exactly(family):
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, intermediate_size=128, num_labels=10,
-                                    attn_implementation="sdpa")
-    model = transformers.ViTForImageClassification(config).eval()
+    model = MODELS[family]().eval()
     images = torch.randn(2, 3, 16, 16)
     # every group duplicated and ranked in units of 16 channels (one head)
     duplicate_odd_units(model, images, units={"*": 16})

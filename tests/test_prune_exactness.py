@@ -97,6 +97,25 @@ class ClassTokenNet(nn.Module):
         return self.head(tokens[:, 0])
 
 
+class ClassAndMeanHead(nn.Module):
+    """DINOv2-style: a 3-D class-token parameter and position embeddings, the classifier reading the class token
+    and the mean of the patch tokens side by side (a concat along the channels, after Torch-Pruning's
+    class-token workaround turned its index mapping off)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, 16, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 16))
+        self.position = nn.Parameter(torch.randn(1, 5, 16))
+        self.fc1, self.fc2, self.head = nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(32, 10)
+
+    def forward(self, x):
+        patches = self.proj(x.reshape(-1, 1, 8, 8)).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), patches], dim=1) + self.position
+        tokens = tokens + self.fc2(torch.relu(self.fc1(tokens)))
+        return self.head(torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1))
+
+
 class SwiGLUBlock(nn.Module):
     """LLaMA-style gated MLP: down(silu(gate(x)) * up(x)) on a residual stream of tokens."""
 
@@ -180,6 +199,7 @@ CASES = {
     "unet_transposed_conv_concat": (TinyUNet, {}),
     "vit_patch_embedding": (PatchEmbedMLP, {}),
     "class_token_concat_along_tokens": (ClassTokenNet, {}),
+    "class_token_and_mean_head": (ClassAndMeanHead, {}),
     "swiglu_gated_mlp": (SwiGLUBlock, {}),
     "convnext_blocks": (ConvNeXtNet, {}),
     "densenet_concat_chain": (DenseChain, {}),
@@ -219,7 +239,7 @@ CASES = {
 # features, and the twin of a removed channel need not be its nearest kept channel: their exactness
 # is asserted with producer features.
 TWINS_BY_PRODUCER_ONLY = {"mobilenet", "mobilenet_se", "unet_transposed_conv_concat", "conv1d_batchnorm1d",
-                          "vit_patch_embedding", "class_token_concat_along_tokens", "swiglu_gated_mlp", "conv3d_batchnorm3d", "convnext_blocks"}
+                          "vit_patch_embedding", "class_token_concat_along_tokens", "class_token_and_mean_head", "swiglu_gated_mlp", "conv3d_batchnorm3d", "convnext_blocks"}
 
 
 def _prepared(name):
