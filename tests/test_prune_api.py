@@ -317,6 +317,25 @@ def test_repairs_with_data_leave_a_tied_weight_alone(compensation):
     assert model.decoder.weight is model.embed.weight and torch.equal(model.embed.weight.detach(), before[:, kept])
 
 
+class TiedEmbeddingsReshaped(TiedEmbeddings):
+    """The same, reshaping the hidden width to a fixed 4 x 4 before the decoder (the graph cannot see it)."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.decoder(h.reshape(*h.shape[:-1], 4, 4).flatten(-2))
+
+
+def test_a_step_rolled_back_after_pruning_a_tied_width_leaves_it_tied():
+    model = TiedEmbeddingsReshaped()
+    ids = torch.randint(0, 20, (4, 6))
+    shared = model.embed.weight
+    report = refused_untouched_then_skipped(model, ids, ForwardBrokenError, "channel group of 'embed' pruned on its own",
+                                            "breaks the model's forward")
+    assert model.embed.weight is shared and model.decoder.weight is shared  # the very same parameter, still tied
+    assert [g.name for g in report.groups] == ["fc1"] and model(ids).shape == (4, 6, 20)
+
+
 class SquareTied(nn.Module):
     """Two square layers sharing one weight, one after the other: the hidden channels are its rows in the
     first and its columns in the second."""
