@@ -56,21 +56,31 @@ def duplicate_odd_units(model: nn.Module, example_inputs, include: Optional[Sequ
 
 @torch.no_grad()
 def silence_odd_units(model: nn.Module, example_inputs) -> List[str]:
-    """In every prunable group without a norm layer, zero every entry of unit 2m+1 (channel, or head of the
-    group's unit): producer rows, biases and consumer columns, so those units compute nothing and
-    removing exactly them leaves the outputs unchanged. Returns one producer name per silenced group."""
+    """In every prunable group without a norm across its channels (LayerNorm, GroupNorm, RMSNorm, ConvNeXt-V2's
+    global response norm: removing a channel changes the others' normalisation), zero every entry of unit 2m+1
+    (channel, or head of the group's unit): producer rows, biases, BatchNorm parameters and statistics, and
+    consumer columns, so those units compute nothing (a BatchNorm then outputs its zero bias) and removing
+    exactly them leaves the outputs unchanged. Returns one producer name per silenced group."""
     graph = build_graph(model, example_inputs)
     modules = dict(model.named_modules())
+
+    def across_channels(module: nn.Module) -> bool:
+        kind = type(module).__name__.lower()
+        return ("norm" in kind or "grn" in kind) and not isinstance(module, nn.modules.batchnorm._BatchNorm)
+
     silenced = []
     for group in iter_groups(graph):
-        norms = [m for m in group.members if "norm" in type(modules.get(m, nn.Identity())).__name__.lower()]
-        norms += [s.key for s in group.slices if "norm" in s.key.lower()]
+        owners = [modules[m] for m in group.members if m in modules] + [owner for owner, _ in group.targets.values()]
+        norms = [owner for owner in owners if across_channels(owner)]
         if group.protected or group.unsupported or norms or group.width < 2 * group.unit:
             continue
         odd = torch.tensor([ch for ch in range(group.width) if (ch // group.unit) % 2 == 1])
         for s in group.slices:
             module, attr = group.targets[s.key]
-            getattr(module, attr).index_fill_(s.dim, s.positions[odd].reshape(-1).unique(), 0.0)
+            rows = s.rows()
+            rows[odd] = 0.0
+            # through the slice, which knows where a channel sits (grouped conv inputs: a column per conv group)
+            getattr(module, attr).copy_(s.write(rows, torch.arange(group.width)))
         silenced.append(group.producers[0])
     return silenced
 

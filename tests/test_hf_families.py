@@ -41,13 +41,15 @@ FAMILIES = {
         cls_token_id=1, sep_token_id=2)),
     "deberta_v2": lambda: transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(  # written-out attention
         **SMALL, num_labels=3)),
+    "squeezebert": lambda: transformers.SqueezeBertForSequenceClassification(transformers.SqueezeBertConfig(  # grouped
+        **SMALL, embedding_size=32, num_labels=3)),  # 1x1 convs, attention written out (its heads declared)
     "wav2vec2": lambda: transformers.Wav2Vec2ForSequenceClassification(transformers.Wav2Vec2Config(  # conv + transformer
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16),
         conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=3)),
 }
 CACHED = {"opt", "stablelm", "starcoder2", "mixtral", "gptj", "bloom", "bart"}  # outputs a cache unless told not to
 HEADS = {"opt": 2, "stablelm": 2, "starcoder2": 2, "mixtral": 2, "distilbert": 2, "wav2vec2": 2, "bart": 3,
-         "modernbert": 2, "deberta_v2": 2}  # attention groups expected
+         "modernbert": 2, "deberta_v2": 2, "squeezebert": 2}  # attention groups expected
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
