@@ -15,6 +15,8 @@ The figure is the held-out loss in bits per byte (lower is better; the unpruned 
     python benchmarks/language_model.py --parts      # also MLP neurons and heads pruned on their own, without data
     python benchmarks/language_model.py --sweep      # also OTConfig.max_cost_without_bn varied, without data
     python benchmarks/language_model.py --family gpt2   # a GPT-2 instead (GELU MLP, packed qkv heads)
+    python benchmarks/language_model.py --family gpt2 --tied-width   # only: GPT-2's hidden width, which its
+                                                                     # output layer shares with the input embedding
 """
 
 from __future__ import annotations
@@ -158,7 +160,11 @@ def main() -> None:
     parser.add_argument("--parts", action="store_true", help="also MLP neurons and heads on their own, without data")
     parser.add_argument("--sweep", action="store_true", help="also max_cost_without_bn varied, without data")
     parser.add_argument("--family", choices=sorted(MLP_LAYERS), default="llama")
+    parser.add_argument("--tied-width", action="store_true",
+                        help="instead of the main table: the hidden width (GPT-2: tied to the output layer) on its own")
     args = parser.parse_args()
+    if args.tied_width and args.family != "gpt2":
+        parser.error("--tied-width needs --family gpt2 (the LLaMA here has untied embeddings)")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_text, test_text = stdlib_text()
     test = list(windows(test_text, 256, torch.Generator().manual_seed(1234)).split(32))
@@ -170,6 +176,9 @@ def main() -> None:
           f"mean ±std over {args.seeds} models; 256 held-out windows of {SEQUENCE} bytes; {args.family}\n")
     models = [trained(seed, train_text, args.family) for seed in range(args.seeds)]
     scope = scopes(args.family)
+    if args.tied_width:
+        tied_width(models, test, example, calibration)
+        return
     print("| sparsity | method | " + " | ".join(REPAIRS) + " | merged (no data) | params | seconds (no data / +linear / +refit) |")
     print("|---|---|" + "---|" * len(REPAIRS) + "---|---|---|")
     print(f"| 0% | dense | {mean_std([bits_per_byte(m, test) for m in models])} |" + " |" * (len(REPAIRS) + 2))
@@ -213,6 +222,27 @@ def parts(models, test, example, scope) -> None:
             print(f"| {scope_name} | {s:.0%} | {mean_std(values['default'])} | {mean_std(values['if-paper'])} | "
                   f"{mean_std(values['if-ours'])} | {merged_share([r for _, r in runs['if-ours']])} | "
                   f"{paired(values['if-ours'], values['default'])} |", flush=True)
+
+
+TIED_SPARSITIES = (0.1, 0.2, 0.3, 0.5)
+
+
+def tied_width(models, test, example, calibration) -> None:
+    """GPT-2's hidden width pruned on its own. Its output layer shares the input embedding: that tensor's
+    columns are only removed (it cannot be averaged as an embedding and summed as an output layer), the
+    group's other tensors (every block's projections, norms and position embeddings) are fused."""
+    print("| sparsity | data | default | if-ours | merged (if-ours) | if-ours - default (paired) |")
+    print("|---|---|---|---|---|---|")
+    print(f"| 0% | | {mean_std([bits_per_byte(m, test) for m in models])} | | | |")
+    scope = {"include": ["transformer.wte"]}
+    for s in TIED_SPARSITIES:
+        for repair, data in (("no data", {}), ("+linear", dict(calibration_data=calibration))):
+            runs = {label: [run_cell(m, s, test, example, scope, METHODS[label], data) for m in models]
+                    for label in ("default", "if-ours")}
+            values = {label: [v for v, _ in r] for label, r in runs.items()}
+            print(f"| {s:.0%} | {repair} | {mean_std(values['default'])} | {mean_std(values['if-ours'])} | "
+                  f"{merged_share([r for _, r in runs['if-ours']])} | {paired(values['if-ours'], values['default'])} |",
+                  flush=True)
 
 
 SWEEP = (1.0, 1.1, 1.2, 1.3, 1.4, None)  # OTConfig.max_cost_without_bn (None: like BatchNorm groups)

@@ -258,9 +258,9 @@ def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]], untraced: Col
     """A group whose channels live in a shared parameter (tied input and output embeddings) is pruned only if
     every layer sharing it (that the forward reaches: ``untraced`` names the others' parameters) is in the
     group and sees the same channels of it along the same dimension: the columns then go once for all of
-    them, and the group is marked ``tied`` (removed without merging: one tensor cannot be averaged as an
-    embedding and summed as an output layer). Otherwise pruning it in some layers only would untie them:
-    refused."""
+    them, and the group is marked ``tied`` (that tensor's columns are removed without merging: one tensor
+    cannot be averaged as an embedding and summed as an output layer; the group's other tensors are fused).
+    Otherwise pruning it in some layers only would untie them: refused."""
     for key in {id(s.tensor) for s in group.slices} & set(tied):
         names = [name for name in tied[key] if name not in untraced]  # layers the forward never reached: not used
         uses = [s for s in group.slices if id(s.tensor) == key]

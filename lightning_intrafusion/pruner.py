@@ -14,7 +14,7 @@ import itertools
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch_pruning as tp
@@ -367,11 +367,13 @@ def _prune_groups(
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()
-        shared_keys = {s.key for s in group.slices if id(s.tensor) in shared}  # tied weights: columns only removed
+        # a tied weight (an embedding shared with the output layer) cannot be averaged as the one and summed as the
+        # other: its columns are only removed, every other tensor of the group is fused
+        shared_keys = {s.key for s in group.slices if id(s.tensor) in shared}
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
-        if method == "intrafusion" and not group.tied:  # a tied tensor cannot be averaged and summed at once
+        if method == "intrafusion":
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
         # from the consumer columns as they are before fusion
@@ -383,7 +385,7 @@ def _prune_groups(
                 updates = {key: update for key, update in updates.items() if key not in shared_keys}
             shifts = lost_mean_shifts([s for s in group.slices if s.key not in updates], statistics, lost)
         if transport is not None:
-            report.merged = _fuse(graph, group, transport, kept, unit, group_config)
+            report.merged = _fuse(graph, group, transport, kept, unit, group_config, leave=shared_keys)
         _shift_biases(graph.model, shifts)
         _update_columns(graph.model, updates)
         entries.extend(group.removals(removed))
@@ -391,7 +393,7 @@ def _prune_groups(
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
                                                removed.tolist()))
         merged = f", {report.merged} merged" if method == "intrafusion" else ""
-        merged += " (tied weights: removed, not merged)" if group.tied and method == "intrafusion" else ""
+        merged += " (the tied weight's columns removed, not merged)" if group.tied and method == "intrafusion" else ""
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")
     names = {m: n for n, m in graph.model.named_modules()}
@@ -401,21 +403,22 @@ def _prune_groups(
 
 
 def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, kept: Tensor, unit: int,
-          config: OTConfig) -> int:
+          config: OTConfig, leave: Collection[str] = ()) -> int:
     """Merge all channels of ``group`` into the kept ones along the transport map (kept channels x all
-    channels; values only, shapes are unchanged until the removal). Returns how many removed channels
-    were merged somewhere."""
+    channels; values only, shapes are unchanged until the removal), in every tensor but those keyed in
+    ``leave`` (left as they are). Returns how many removed channels were merged somewhere."""
     channels = _expand_index(kept, unit)
     merged = int((transport.sum(0) > 0).sum().item()) - len(channels)
     if merged == 0 and not (config.correct_variance and _batchnorm_after_consumers(graph, group)):
         return 0  # every kept channel keeps only itself: nothing to merge, nothing to correct
+    slices = [s for s in group.slices if s.key not in leave]
     # channel similarities, once per group: norm preservation, BN statistics and the variance estimate share them
-    similarity = channel_gram(group.slices, group.folds, ("producer",))
+    similarity = channel_gram(slices, group.folds, ("producer",))
     mats = merge_matrices(transport, channels, config.producer_merge, config.consumer_merge,
                           similarity if config.preserve_norm else None)
-    fused = fuse_group(group.slices, group.folds, mats, channels, channel_correlation(similarity))
+    fused = fuse_group(slices, group.folds, mats, channels, channel_correlation(similarity))
     if config.correct_variance:
-        ratios = output_variance_ratios(group.slices, similarity, mats["producer"], channels, fused)
+        ratios = output_variance_ratios(slices, similarity, mats["producer"], channels, fused)
         _correct_following_batchnorms(graph, group, ratios)
     _assign(group, fused)
     return merged

@@ -79,8 +79,8 @@ def test_heads_of_packed_attention_are_fused_exactly_and_replay():
 
 def test_tied_width_is_pruned_once_and_stays_tied():
     """The hidden width lives in the embedding that the output layer shares: its columns go once for both,
-    without merging (one tensor cannot be averaged as an embedding and summed as an output layer); the
-    heads and MLP neurons are fused as usual, and the pruned model reloads tied."""
+    without merging (one tensor cannot be averaged as an embedding and summed as an output layer; the group's
+    other tensors are fused, here with nothing close enough to merge), and the pruned model reloads tied."""
     model, inputs = _gpt2()
     report = prune(model, inputs, 0.5)
     assert not report.unsupported

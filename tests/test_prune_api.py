@@ -283,8 +283,7 @@ class TiedEmbeddings(nn.Module):
 @torch.no_grad()
 def test_a_tied_width_is_pruned_once_for_both_layers_and_stays_tied():
     """Hidden channels 1, 3, ... silenced (embedding columns, which the decoder shares, and fc2's rows): plain
-    pruning removes exactly those once, for the embedding and the decoder alike, and the outputs are unchanged;
-    fusion leaves the tied group unmerged and fuses the MLP."""
+    pruning removes exactly those once, for the embedding and the decoder alike, and the outputs are unchanged."""
     torch.manual_seed(0)
     model = TiedEmbeddings()
     model.embed.weight[:, 1::2] = 0
@@ -292,15 +291,31 @@ def test_a_tied_width_is_pruned_once_for_both_layers_and_stays_tied():
     model.fc2.bias[1::2] = 0
     ids = torch.randint(0, 20, (4, 6))
     expected = model(ids)
-    plain, fused = copy.deepcopy(model), copy.deepcopy(model)
-    report = prune(plain, ids, 0.5, method="default", importance="l2", include=["embed"])
+    report = prune(model, ids, 0.5, method="default", importance="l2", include=["embed"])
     assert [(g.name, g.width_after) for g in report.groups] == [("embed", 8)]
-    assert plain.decoder.weight is plain.embed.weight and plain.embed.weight.shape == (20, 8)
-    assert torch.allclose(plain(ids), expected, atol=1e-6)
-    duplicate_odd_units(fused, ids, include=["embed"])  # every removed channel a twin of a kept one: fusion would merge
-    report = prune(fused, ids, 0.5, importance=EvenUnitsFirst(), ot_config=OTConfig(features="producer"))
-    assert {g.name: g.merged for g in report.groups}["embed"] == 0 and fused.decoder.weight is fused.embed.weight
-    assert sum(p.numel() for p in fused.parameters()) == report.params_after and fused(ids).shape == (4, 6, 20)
+    assert model.decoder.weight is model.embed.weight and model.embed.weight.shape == (20, 8)
+    assert sum(p.numel() for p in model.parameters()) == report.params_after
+    assert torch.allclose(model(ids), expected, atol=1e-6)
+
+
+@torch.no_grad()
+def test_fusion_of_a_tied_width_merges_every_tensor_but_the_shared_one():
+    """Hidden channel 2m+1 a twin of 2m (the shared embedding's column and fc2's row). Fusion merges twins in
+    every tensor of the group but the shared one, whose kept columns stay as they were: the MLP sees exactly
+    what it saw, and the decoder, which now reads each pair once, gives exactly half the logits (plain
+    pruning: not even that)."""
+    torch.manual_seed(0)
+    model = TiedEmbeddings()
+    ids = torch.randint(0, 20, (4, 6))
+    duplicate_odd_units(model, ids, include=["embed"])
+    expected = model(ids)
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, ids, 0.5, include=["embed"], importance=EvenUnitsFirst(), ot_config=OTConfig(features="producer"))
+    prune(plain, ids, 0.5, include=["embed"], importance=EvenUnitsFirst(), method="default")
+    assert [(g.name, g.width_after, g.merged) for g in report.groups] == [("embed", 8, 8)]
+    assert fused.decoder.weight is fused.embed.weight and torch.equal(fused.embed.weight, model.embed.weight[:, 0::2])
+    assert torch.allclose(fused(ids), expected / 2, atol=1e-5)
+    assert (plain(ids) - expected / 2).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("compensation", ["linear", "refit"])
