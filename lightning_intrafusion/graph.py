@@ -118,18 +118,52 @@ def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] 
                   for name, module in graph.model.named_modules()
                   if _traced(graph, getattr(module, projections[0], None)) and recognise(module)]
     own = {getattr(module, p) for _, projections, _, module in recognised for p in projections}
+    groups: List[PrunableGroup] = []
     for root, tp_group in _tp_groups(graph, roots, names, skip=own, unresolved=unresolved):
         if isinstance(tp_group, str):
             name = names.get(root, type(root).__name__)
-            yield PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
-                                root_module=root, unsupported=tp_group)
+            groups.append(PrunableGroup(root_name=name, width=0, slices=[], folds=[], producers=[name], members=[name],
+                                        root_module=root, unsupported=tp_group))
             continue
-        yield _refuse_unprunable(_describe(graph, tp_group, names), tied, untraced)
-    for name, module in graph.model.named_modules():
-        if isinstance(module, nn.MultiheadAttention) and module in graph.module2node:
-            yield _refuse_unprunable(attention_heads(name, module), tied, untraced)
-    for build, _, name, module in recognised:
-        yield _refuse_unprunable(build(name, module), tied, untraced)
+        groups.append(_describe(graph, tp_group, names))
+    groups += [attention_heads(name, module) for name, module in graph.model.named_modules()
+               if isinstance(module, nn.MultiheadAttention) and module in graph.module2node]
+    groups += [build(name, module) for build, _, name, module in recognised]
+    for group in _join_tied(groups, tied, untraced):
+        yield _refuse_unprunable(group, tied, untraced)
+
+
+def _join_tied(groups: List[PrunableGroup], tied: Dict[int, List[str]], untraced: Collection[str]) -> List[PrunableGroup]:
+    """Groups that one shared parameter couples, joined into one: BERT's masked-LM head reads the stream through a
+    dense layer into an output layer that shares the word embedding, so the stream's channel ``c`` (the
+    embedding's column ``c``) and the dense layer's output channel ``c`` (the output layer's column ``c``) must go
+    together. Joined where every layer sharing the parameter is in one of the groups, all see the same channels of
+    it along one dimension (groups never pruned aside), and the groups have the same width and unit; the joined
+    group is scored from its tensors (it has no Torch-Pruning group)."""
+    for key, names in tied.items():
+        names = [name for name in names if name not in untraced]
+        # groups never pruned (the output layer's own outputs, along the other dimension) do not count
+        sharing = [g for g in groups if not g.protected and any(id(s.tensor) == key for s in g.slices)]
+        if len(sharing) < 2:
+            continue
+        uses = [s for g in sharing for s in g.slices if id(s.tensor) == key]
+        if (sorted(s.key for s in uses) != sorted(names) or len({(g.width, g.unit) for g in sharing}) != 1
+                or any(s.dim != uses[0].dim or not torch.equal(s.positions, uses[0].positions) for s in uses)):
+            continue
+        first = sharing[0]
+        joined = PrunableGroup(
+            root_name=first.root_name, width=first.width, slices=[s for g in sharing for s in g.slices],
+            folds=[f for g in sharing for f in g.folds], producers=[p for g in sharing for p in g.producers],
+            members=[m for g in sharing for m in g.members], blocks=math.lcm(*(g.blocks for g in sharing)),
+            unit=first.unit, head_size=max(g.head_size for g in sharing),
+            hidden_heads=any(g.hidden_heads for g in sharing), reordered=any(g.reordered for g in sharing),
+            protected=next((g.protected for g in sharing if g.protected), None),
+            unsupported=next((g.unsupported for g in sharing if g.unsupported), None),
+            targets={k: v for g in sharing for k, v in g.targets.items()},
+            layers=[layer for g in sharing for layer in g.layers], root_module=first.root_module,
+            root_handler=first.root_handler)
+        groups = [joined if g is first else g for g in groups if g is first or g not in sharing]
+    return groups
 
 
 def _traced(graph: tp.DependencyGraph, layer: Any) -> bool:

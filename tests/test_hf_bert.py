@@ -8,6 +8,7 @@ import torch
 
 from helpers import EvenUnitsFirst, duplicate_odd_units
 from lightning_intrafusion import OTConfig, prune
+from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,20 +53,25 @@ def test_fusing_duplicated_heads_preserves_outputs():
 
 
 def test_masked_lm_with_tied_embeddings():
-    """BertForMaskedLM ties its output layer to the word embeddings, but a dense layer (the prediction head's
-    transform) lies between the stream and the output layer: the embedding's columns are the stream's channels,
-    the output layer's are the transform's, two groups that one tensor couples. Both are refused (pruning
-    either would untie them), while heads and feed-forward neurons prune and the tie holds."""
-    from lightning_intrafusion import UnsupportedModelError
-
+    """BertForMaskedLM ties its output layer to the word embeddings, with a dense layer (the prediction head's
+    transform) between the stream and the output layer: the embedding's columns are the stream's channels, the
+    output layer's the transform's, so the two widths are joined into one group and lose the same channels,
+    the shared tensor's columns once; heads and feed-forward neurons are fused; the tie holds, and reloads."""
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=32, attn_implementation="sdpa")
     model = transformers.BertForMaskedLM(config).eval()
     inputs = {"input_ids": torch.randint(0, 100, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
-    with pytest.raises(UnsupportedModelError, match="word_embeddings.weight = cls.predictions.decoder.weight"):
-        prune(model, inputs, 0.3)
-    report = prune(model, inputs, 0.5, include=[QUERY, "*.intermediate.dense"])
-    assert [g.width_after for g in report.groups] == [32, 64, 32, 64]
+    report = prune(model, inputs, 0.5)
+    assert not report.unsupported
+    joined = [g for g in report.groups if "bert.embeddings.word_embeddings" in g.members]
+    assert [(g.width_before, g.width_after) for g in joined] == [(64, 32)]
+    assert "cls.predictions.transform.dense" in joined[0].members
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
-    assert model(**inputs).logits.shape == (2, 16, 100)
+    assert model.bert.embeddings.word_embeddings.weight.shape == (100, 32)
+    assert model.cls.predictions.transform.dense.weight.shape == (32, 32)
+    fresh = transformers.BertForMaskedLM(config).eval()
+    replay_history(fresh, [report.removals])
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.cls.predictions.decoder.weight is fresh.bert.embeddings.word_embeddings.weight
+    assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)

@@ -351,6 +351,43 @@ def test_a_step_rolled_back_after_pruning_a_tied_width_leaves_it_tied():
     assert [g.name for g in report.groups] == ["fc1"] and model(ids).shape == (4, 6, 20)
 
 
+class TiedAcrossDense(nn.Module):
+    """A masked-LM head: the stream goes through a dense layer into a decoder that shares the input embedding,
+    so the stream's width and the dense layer's are coupled by one tensor."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.fc1, self.fc2 = nn.Embedding(vocab, dim), nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.transform, self.decoder = nn.Linear(dim, dim), nn.Linear(dim, vocab, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        return self.decoder(torch.relu(self.transform(h)))
+
+
+@torch.no_grad()
+def test_widths_coupled_by_a_tied_weight_are_pruned_as_one_group():
+    """Channels 1, 3, ... silenced in both widths (the shared embedding's columns, fc2's and the transform's rows,
+    their consumers' columns): the two widths are one group, which loses exactly those channels in both, and the
+    outputs are unchanged."""
+    torch.manual_seed(0)
+    model = TiedAcrossDense()
+    for weight in (model.embed.weight, model.fc1.weight, model.transform.weight):
+        weight[:, 1::2] = 0  # the embedding (and decoder) columns; the stream's consumers
+    for layer in (model.fc2, model.transform):
+        layer.weight[1::2] = 0
+        layer.bias[1::2] = 0
+    ids = torch.randint(0, 20, (4, 6))
+    expected = model(ids)
+    report = prune(model, ids, 0.5, method="default", importance="l2", include=["embed"])
+    assert [(g.width_before, g.width_after) for g in report.groups] == [(16, 8)]
+    assert {"embed", "transform", "decoder"} <= set(report.groups[0].members)
+    assert model.decoder.weight is model.embed.weight and model.transform.weight.shape == (8, 8)
+    assert torch.allclose(model(ids), expected, atol=1e-6)
+
+
 class SquareTied(nn.Module):
     """Two square layers sharing one weight, one after the other: the hidden channels are its rows in the
     first and its columns in the second."""
