@@ -41,3 +41,27 @@ class LitClassifier(pl.LightningModule):
         if not self.hparams.scheduler:
             return opt
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)}
+
+
+class LitTiedLM(pl.LightningModule):
+    """A tiny next-token model whose output layer shares the input embedding (tied), on token batches."""
+
+    def __init__(self, vocab: int = 20, dim: int = 16):
+        super().__init__()
+        self.save_hyperparameters()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+        self.decoder = torch.nn.Linear(dim, vocab, bias=False)
+        self.decoder.weight = self.embed.weight
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.decoder(h + self.fc2(torch.relu(self.fc1(h))))
+
+    def training_step(self, batch, batch_idx):
+        ids = batch[0]
+        logits = self(ids[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)

@@ -6,7 +6,7 @@ import pytest
 import lightning.pytorch as pl
 import torch
 
-from lit import LitClassifier
+from lit import LitClassifier, LitTiedLM
 from lightning_intrafusion import IntraFusionCallback, OTConfig, prune, restore_pruned
 from lightning_intrafusion.datasets import DigitsDataModule
 
@@ -119,6 +119,27 @@ def test_attention_heads_pruned_during_fit_and_restored_from_checkpoint(tmp_path
     x = torch.randn(4, 1, 8, 8)
     model.eval(), restored.eval()
     assert torch.equal(model(x), restored(x))
+
+
+def test_a_tied_width_pruned_during_fit_stays_tied_in_training_and_from_checkpoint(tmp_path):
+    """The output layer shares the input embedding: after each event the two still hold one parameter, which the
+    rebuilt optimizer holds once and keeps training; a module rebuilt from the checkpoint is tied the same way."""
+    pl.seed_everything(0)
+    model = LitTiedLM()
+    tokens = torch.utils.data.TensorDataset(torch.randint(0, 20, (64, 9), generator=torch.Generator().manual_seed(0)))
+    cb = IntraFusionCallback(target_sparsity=0.5, epochs=[1, 2], schedule="linear", evaluate=False,
+                             batch_to_inputs=lambda batch: (batch[0][:, :-1], None))
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="last")
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb, checkpoint], default_root_dir=tmp_path, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    trainer.fit(model, torch.utils.data.DataLoader(tokens, batch_size=16))
+    assert cb.fired == 2 and model.decoder.weight is model.embed.weight and model.embed.weight.shape == (20, 8)
+    params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+    assert len({id(p) for p in params}) == len(params) and any(p is model.embed.weight for p in params)
+    assert trainer.optimizers[0].state[model.embed.weight]["exp_avg"].shape == (20, 8)  # trained on after the events
+    restored = restore_pruned(LitTiedLM(), str(tmp_path / "ckpt" / "last.ckpt"))
+    ids = torch.randint(0, 20, (2, 8))
+    assert restored.decoder.weight is restored.embed.weight and torch.equal(restored(ids), model(ids))
 
 
 def test_head_count_attribute_follows_heads_pruned_during_fit_and_from_checkpoint(tmp_path):
