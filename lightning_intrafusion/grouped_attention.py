@@ -1,6 +1,7 @@
 """Heads of attention layers with separate query/key/value/output projections and grouped key/value
 heads (Hugging Face LLaMA, Mistral, Qwen2: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim``,
-``num_key_value_groups``; Phi names the output projection ``dense``).
+``num_key_value_groups``; Phi names the output projection ``dense``), or one key/value head per query head
+with rotary embeddings and no ``num_key_value_groups`` (GPT-J: ``out_proj``, ``rotary_dim``).
 
 Rotary position embeddings slice and re-concatenate each head's dimensions, which the dependency graph
 cannot follow (with grouped key/value heads its search never ends), but they act within a head: whole
@@ -17,7 +18,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-OUTPUT_PROJECTIONS = ("o_proj", "dense")  # LLaMA family; Phi
+OUTPUT_PROJECTIONS = ("o_proj", "dense", "out_proj")  # LLaMA family; Phi; GPT-J
+ROTARY = ("rotary_dim", "rotary_ndims", "rotary_emb")  # attributes of layers that rotate their queries and keys
 
 
 def output_projection(module: nn.Module) -> Optional[str]:
@@ -27,10 +29,12 @@ def output_projection(module: nn.Module) -> Optional[str]:
 
 def is_grouped_attention(module: nn.Module) -> bool:
     """Separate ``nn.Linear`` query/key/value/output projections, ``head_dim`` and ``num_key_value_groups``
-    consistent with their widths (query heads = key/value heads x groups)."""
+    consistent with their widths (query heads = key/value heads x groups); a layer with rotary embeddings and
+    no ``num_key_value_groups`` has one key/value head per query head (the graph cannot follow the rotation's
+    slices either way; without rotary embeddings such a layer is left to the graph)."""
     out_name = output_projection(module)
     layers = [getattr(module, name, None) for name in ("q_proj", "k_proj", "v_proj")]
-    head_dim, groups = getattr(module, "head_dim", None), getattr(module, "num_key_value_groups", None)
+    head_dim, groups = getattr(module, "head_dim", None), key_value_groups(module)
     if (out_name is None or not all(isinstance(layer, nn.Linear) for layer in layers)
             or not isinstance(head_dim, int) or not isinstance(groups, int)):
         return False
@@ -53,15 +57,24 @@ def norm_across_heads(module: nn.Module) -> Optional[str]:
     return None
 
 
+def key_value_groups(module: nn.Module) -> Optional[int]:
+    """Query heads per key/value head: ``num_key_value_groups``, or 1 for a layer with rotary embeddings
+    that does not say (GPT-J); None otherwise."""
+    groups = getattr(module, "num_key_value_groups", None)
+    if groups is None and any(getattr(module, name, None) is not None for name in ROTARY):
+        return 1
+    return groups
+
+
 def unit(module: nn.Module) -> int:
     """Channels kept or removed together: the query heads sharing one key/value head."""
-    return module.num_key_value_groups * module.head_dim
+    return key_value_groups(module) * module.head_dim
 
 
 def positions(module: nn.Module) -> Dict[str, torch.Tensor]:
     """``(query channels, 1)`` positions of every query channel in the query/output projections
     (``"query"``) and in the key/value projections (``"key_value"``: the key/value channel it attends with)."""
-    width, head_dim, groups = module.q_proj.out_features, module.head_dim, module.num_key_value_groups
+    width, head_dim, groups = module.q_proj.out_features, module.head_dim, key_value_groups(module)
     channels = torch.arange(width)
     head, dim = channels // head_dim, channels % head_dim
     return {"query": channels[:, None], "key_value": ((head // groups) * head_dim + dim)[:, None]}

@@ -235,6 +235,17 @@ def refused_untouched_then_skipped(model: nn.Module, inputs: Any, error: type, m
 
 
 @torch.no_grad()
+def twin_odd_heads(model: nn.Module, inputs: Mapping[str, Any], output_projections: Sequence[nn.Linear], unit: int = 8) -> None:
+    """Unit 2m+1 of every ``*.q_proj`` group (a head, or a key/value head's query heads: ``unit`` channels) made a
+    twin of unit 2m (query, key and value rows), and its columns in each output projection halved, so that
+    magnitude importance keeps the even units."""
+    duplicate_odd_units(model, inputs, include=["*.q_proj"], units={"*.q_proj": unit})
+    for projection in output_projections:
+        for start in range(unit, projection.in_features, 2 * unit):
+            projection.weight[:, start:start + unit] *= 0.5
+
+
+@torch.no_grad()
 def rank_odd_units_last(producer: nn.Linear, consumer: nn.Linear, unit: int = 1) -> None:
     """Every row of ``producer`` and column of ``consumer`` of unit norm, then the consumer columns of odd units
     (``unit`` channels each) halved, so that magnitude keeps the even units (and a duplicate's merged columns

@@ -49,7 +49,7 @@ FAMILIES = {
 }
 CACHED = {"opt", "stablelm", "starcoder2", "mixtral", "gptj", "bloom", "bart"}  # outputs a cache unless told not to
 HEADS = {"opt": 2, "stablelm": 2, "starcoder2": 2, "mixtral": 2, "distilbert": 2, "wav2vec2": 2, "bart": 3,
-         "modernbert": 2, "deberta_v2": 2, "squeezebert": 2}  # attention groups expected
+         "modernbert": 2, "deberta_v2": 2, "squeezebert": 2, "gptj": 2}  # attention groups expected
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

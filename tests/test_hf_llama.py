@@ -10,7 +10,7 @@ import torch
 
 from helpers import (
     EvenUnitsFirst, assert_only_fusion_keeps_the_outputs, assert_reloads, duplicate_odd_units,
-    fuse_and_prune_plainly,
+    fuse_and_prune_plainly, twin_odd_heads,
 )
 from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 
@@ -56,11 +56,7 @@ def test_heads_fuse_exactly_in_units_of_a_key_value_head(family, kv_heads):
     importance keeps the even units."""
     model, inputs = _llama(kv_heads, family)
     unit = 8 * 4 // kv_heads  # head_dim 8, 4 query heads
-    duplicate_odd_units(model, inputs, include=["*.q_proj"], units={"*.q_proj": unit})
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for start in range(unit, 32, 2 * unit):
-                layer.self_attn.o_proj.weight[:, start:start + unit] *= 0.5
+    twin_odd_heads(model, inputs, [layer.self_attn.o_proj for layer in model.model.layers], unit)
     fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.q_proj"],
                                                             ot_config=OTConfig(features="producer"))
     assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
@@ -70,6 +66,23 @@ def test_heads_fuse_exactly_in_units_of_a_key_value_head(family, kv_heads):
     assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (4 * kv_heads, 32)  # half the key/value heads
     assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
     assert_reloads(fused, _llama(kv_heads, family)[0], report, inputs)
+
+
+def test_gptj_heads_with_partial_rotary_embeddings_fuse_exactly():
+    """GPT-J: separate q/k/v projections, an ``out_proj``, rotary embeddings on part of each head and no
+    ``num_key_value_groups``: one key/value head per query head. Head 2m+1 duplicates head 2m."""
+    torch.manual_seed(0)
+    config = transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=50, rotary_dim=4, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    model = transformers.GPTJForCausalLM(config).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
+    twin_odd_heads(model, inputs, [block.attn.out_proj for block in model.transformer.h])
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.q_proj"],
+                                                            ot_config=OTConfig(features="producer"))
+    assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
+        (f"transformer.h.{i}.attn.q_proj", 16, 16) for i in range(2)]
+    assert fused.transformer.h[0].attn.k_proj.weight.shape == (16, 32)
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
 @pytest.mark.parametrize("family, kv_heads", [("llama", 4), ("llama", 2), ("qwen2", 2), ("mistral", 2), ("gemma2", 2),

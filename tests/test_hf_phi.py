@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import (
     assert_only_fusion_keeps_the_outputs, assert_reloads, assert_same_state, duplicate_odd_units,
-    fuse_and_prune_plainly, prune_with_mirrored_momentum, rank_odd_units_last, state,
+    fuse_and_prune_plainly, prune_with_mirrored_momentum, rank_odd_units_last, state, twin_odd_heads,
 )
 from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 from lightning_intrafusion.packed_mlp import is_packed_gated_mlp
@@ -76,11 +76,7 @@ def test_heads_of_attention_with_a_dense_output_projection_fuse_exactly():
     """Phi: head 2m+1 duplicates head 2m (its output-projection columns halved so that magnitude keeps
     the even heads); partial rotary embeddings act within a head."""
     model, inputs = _phi()
-    duplicate_odd_units(model, inputs, include=["*.q_proj"], units={"*.q_proj": 8})
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for start in (8, 24):
-                layer.self_attn.dense.weight[:, start:start + 8] *= 0.5
+    twin_odd_heads(model, inputs, [layer.self_attn.dense for layer in model.model.layers])
     fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.q_proj"],
                                                             ot_config=OTConfig(features="producer"))
     assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
