@@ -108,9 +108,11 @@ def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] 
     a later call refuses them at once instead of waiting for them again.
     """
     names = {m: n for n, m in graph.model.named_modules()}
-    tied = shared_parameters(graph.model)
+    # shared parameters by id -> the names they have in layers the forward reaches (an unused layer holding one,
+    # such as a Hugging Face model's ``shared`` embedding, just takes the pruned tensor)
     traced = {names[m] for m in graph.module2node if isinstance(m, nn.Module) and m in names}
-    untraced = {name for shared in tied.values() for name in shared if name.rpartition(".")[0] not in traced}
+    tied = {key: [name for name in shared if name.rpartition(".")[0] in traced]
+            for key, shared in shared_parameters(graph.model).items()}
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR, nn.Embedding) + transposed_linear_types()
     # attention layers and packed MLPs recognised by their attributes: their channels come from the modules
     # below, not from Torch-Pruning's groups of their projections (which it cannot resolve)
@@ -129,11 +131,18 @@ def iter_groups(graph: tp.DependencyGraph, unresolved: Optional[Dict[str, str]] 
     groups += [attention_heads(name, module) for name, module in graph.model.named_modules()
                if isinstance(module, nn.MultiheadAttention) and module in graph.module2node]
     groups += [build(name, module) for build, _, name, module in recognised]
-    for group in _join_tied(groups, tied, untraced):
-        yield _refuse_unprunable(group, tied, untraced)
+    for group in _join_tied(groups, tied):
+        yield _refuse_unprunable(group, tied)
 
 
-def _join_tied(groups: List[PrunableGroup], tied: Dict[int, List[str]], untraced: Collection[str]) -> List[PrunableGroup]:
+def _seen_alike(uses: Sequence[ChannelSlice], names: Sequence[str]) -> bool:
+    """Whether the slices ``uses`` of one shared parameter are every layer that shares it (``names``), each seeing
+    the same channels of it along the same dimension."""
+    return sorted(s.key for s in uses) == sorted(names) and all(
+        s.dim == uses[0].dim and torch.equal(s.positions, uses[0].positions) for s in uses)
+
+
+def _join_tied(groups: List[PrunableGroup], tied: Dict[int, List[str]]) -> List[PrunableGroup]:
     """Groups that one shared parameter couples, joined into one: BERT's masked-LM head reads the stream through a
     dense layer into an output layer that shares the word embedding, so the stream's channel ``c`` (the
     embedding's column ``c``) and the dense layer's output channel ``c`` (the output layer's column ``c``) must go
@@ -141,14 +150,11 @@ def _join_tied(groups: List[PrunableGroup], tied: Dict[int, List[str]], untraced
     it along one dimension (groups never pruned aside), and the groups have the same width and unit; the joined
     group is scored from its tensors (it has no Torch-Pruning group)."""
     for key, names in tied.items():
-        names = [name for name in names if name not in untraced]
         # groups never pruned (the output layer's own outputs, along the other dimension) do not count
         sharing = [g for g in groups if not g.protected and any(id(s.tensor) == key for s in g.slices)]
-        if len(sharing) < 2:
+        if len(sharing) < 2 or len({(g.width, g.unit) for g in sharing}) != 1:
             continue
-        uses = [s for g in sharing for s in g.slices if id(s.tensor) == key]
-        if (sorted(s.key for s in uses) != sorted(names) or len({(g.width, g.unit) for g in sharing}) != 1
-                or any(s.dim != uses[0].dim or not torch.equal(s.positions, uses[0].positions) for s in uses)):
+        if not _seen_alike([s for g in sharing for s in g.slices if id(s.tensor) == key], names):
             continue
         first = sharing[0]
         joined = PrunableGroup(
@@ -220,33 +226,27 @@ def _tp_groups(graph: tp.DependencyGraph, roots: Tuple[type, ...], names: Dict[n
         if pruner is None or pruner.get_out_channels(module) is None:
             continue
         name = names.get(module, "")
-        if name and name in unresolved:
-            covered.add(module)
-            yield module, unresolved[name]
-            continue
         like = (type(module), _block_pattern(name))
-        if like[1] is not None and like in timed_out:
+        reason = unresolved.get(name) if name else None
+        if reason is None and like[1] is not None and like in timed_out:
+            reason = (f"Torch-Pruning could not resolve the dependencies of {timed_out[like]!r} within "
+                      f"{GROUP_SECONDS:g} s, and this layer has the same place in another repeated block")
+        if reason is None:
+            try:
+                with _time_limit(GROUP_SECONDS):
+                    group = graph.get_pruning_group(module, pruner.prune_out_channels,
+                                                    list(range(pruner.get_out_channels(module))))
+            except _GroupTimeout:
+                timed_out[like] = name
+                reason = (f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a cycle of "
+                          "slices and concatenations, e.g. rotary position embeddings)")
+            except Exception as err:  # an index mapping Torch-Pruning cannot apply to this graph
+                reason = (f"Torch-Pruning failed to resolve its dependencies ({type(err).__name__}: {err}), e.g. on a "
+                          "reshape or repeat of its channels it cannot map")
+        if reason is not None:
             covered.add(module)
-            unresolved[name] = (f"Torch-Pruning could not resolve the dependencies of {timed_out[like]!r} within "
-                                f"{GROUP_SECONDS:g} s, and this layer has the same place in another repeated block")
-            yield module, unresolved[name]
-            continue
-        try:
-            with _time_limit(GROUP_SECONDS):
-                group = graph.get_pruning_group(module, pruner.prune_out_channels,
-                                                list(range(pruner.get_out_channels(module))))
-        except _GroupTimeout:
-            covered.add(module)
-            timed_out[like] = name
-            unresolved[name] = (f"Torch-Pruning could not resolve its dependencies within {GROUP_SECONDS:g} s (a "
-                                "cycle of slices and concatenations, e.g. rotary position embeddings)")
-            yield module, unresolved[name]
-            continue
-        except Exception as err:  # an index mapping Torch-Pruning cannot apply to this graph
-            covered.add(module)
-            unresolved[name] = (f"Torch-Pruning failed to resolve its dependencies ({type(err).__name__}: {err}), "
-                                "e.g. on a reshape or repeat of its channels it cannot map")
-            yield module, unresolved[name]
+            unresolved[name] = reason
+            yield module, reason
             continue
         for dep, _ in group:
             if graph.is_out_channel_pruning_fn(dep.handler):
@@ -263,10 +263,10 @@ def _block_pattern(name: str) -> Optional[str]:
     return ".".join("*" if p.isdigit() else p for p in parts) if inside_block else None
 
 
-def _refuse_unprunable(group: PrunableGroup, tied: Dict[int, List[str]], untraced: Collection[str] = ()) -> PrunableGroup:
+def _refuse_unprunable(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
     """``group``, marked unsupported if a tensor it would resize is shared other than as one tied tensor
     (see :func:`_refuse_tied`) or reparameterised."""
-    return _refuse_reparameterised(_refuse_tied(group, tied, untraced))
+    return _refuse_reparameterised(_refuse_tied(group, tied))
 
 
 def _refuse_reparameterised(group: PrunableGroup) -> PrunableGroup:
@@ -288,23 +288,21 @@ def _refuse_reparameterised(group: PrunableGroup) -> PrunableGroup:
     return group
 
 
-def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]], untraced: Collection[str]) -> PrunableGroup:
-    """A group whose channels live in a shared parameter (tied input and output embeddings) is pruned only if
-    every layer sharing it (that the forward reaches: ``untraced`` names the others' parameters) is in the
-    group and sees the same channels of it along the same dimension: the columns then go once for all of
-    them, and the group is marked ``tied`` (that tensor's columns are removed without merging: one tensor
+def _refuse_tied(group: PrunableGroup, tied: Dict[int, List[str]]) -> PrunableGroup:
+    """A group whose channels live in a shared parameter (tied input and output embeddings; ``tied``: id ->
+    the names it has in layers the forward reaches) is pruned only if every such layer is in the group and
+    sees the same channels of it along the same dimension: the columns then go once for all of them, and the
+    slices of that tensor are listed in ``group.tied`` (its columns are removed without merging: one tensor
     cannot be averaged as an embedding and summed as an output layer; the group's other tensors are fused).
     Otherwise pruning it in some layers only would untie them: refused."""
     for key in {id(s.tensor) for s in group.slices} & set(tied):
-        names = [name for name in tied[key] if name not in untraced]  # layers the forward never reached: not used
         uses = [s for s in group.slices if id(s.tensor) == key]
-        consistent = (sorted(s.key for s in uses) == sorted(names)
-                      and all(s.dim == uses[0].dim and torch.equal(s.positions, uses[0].positions) for s in uses))
-        if not consistent and group.unsupported is None:
-            group.unsupported = (f"its channels live in {' = '.join(names)}, one shared (tied) parameter, e.g. tied "
-                                 "input and output embeddings, which layers outside this group also use (or use "
+        if _seen_alike(uses, tied[key]):
+            group.tied += tuple(s.key for s in uses)
+        elif group.unsupported is None:
+            group.unsupported = (f"its channels live in {' = '.join(tied[key])}, one shared (tied) parameter, e.g. "
+                                 "tied input and output embeddings, which layers outside this group also use (or use "
                                  "along another dimension); pruning it would untie them")
-        group.tied = group.tied or consistent
     return group
 
 

@@ -33,9 +33,9 @@ class PrunableGroup:
     reordered: bool = False
     protected: Optional[str] = None  # why the group must not be pruned, if it must not
     unsupported: Optional[str] = None  # why it cannot be pruned exactly, if it cannot
-    # its channels live in a parameter that several of its layers share (tied embeddings): that tensor's columns
+    # keys of its slices of a parameter that several of its layers share (tied embeddings): that tensor's columns
     # are removed, never merged (its other tensors are fused)
-    tied: bool = False
+    tied: Tuple[str, ...] = ()
     targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
     # (layer, "out" | "in", positions), or (parameter name, "dim<d>", positions) for a bare parameter
     layers: List[Tuple[Any, str, torch.Tensor]] = field(default_factory=list, repr=False)

@@ -352,7 +352,6 @@ def _prune_groups(
     moments were measured, ``"mean"`` elsewhere)."""
     reports: List[GroupReport] = []
     entries = []
-    shared = set(shared_parameters(graph.model))
     for number, group in enumerate(groups, 1):
         started = time.perf_counter()
         group.refresh()
@@ -367,9 +366,6 @@ def _prune_groups(
         if scores is None or len(scores) != group.width or not torch.isfinite(scores).all():
             raise RuntimeError(f"importance returned no valid score for group {group.root_name!r}")
         scores = scores.detach().double().cpu()
-        # a tied weight (an embedding shared with the output layer) cannot be averaged as the one and summed as the
-        # other: its columns are only removed, every other tensor of the group is fused
-        shared_keys = {s.key for s in group.slices if id(s.tensor) in shared}
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
@@ -382,10 +378,12 @@ def _prune_groups(
             lost = _lost_shares(group.width, removed, transport)
             if compensation == "linear":
                 updates = lost_linear_compensation(group.slices, statistics, lost, _expand_index(kept, unit))
-                updates = {key: update for key, update in updates.items() if key not in shared_keys}
+                updates = {key: update for key, update in updates.items() if key not in group.tied}
             shifts = lost_mean_shifts([s for s in group.slices if s.key not in updates], statistics, lost)
         if transport is not None:
-            report.merged = _fuse(graph, group, transport, kept, unit, group_config, leave=shared_keys)
+            # a tied weight (an embedding shared with the output layer) cannot be averaged as the one and summed
+            # as the other: its columns are only removed, every other tensor of the group is fused
+            report.merged = _fuse(graph, group, transport, kept, unit, group_config, leave=group.tied)
         _shift_biases(graph.model, shifts)
         _update_columns(graph.model, updates)
         entries.extend(group.removals(removed))

@@ -203,11 +203,12 @@ class HeadCountAttention(nn.Module):
 
 
 class HeadCountNet(nn.Module):
-    """Digits as 8 tokens of 8 pixels, embedded, one :class:`HeadCountAttention` (4 heads), mean-pooled."""
+    """Digits as 8 tokens of 8 pixels, embedded, one :class:`HeadCountAttention` (4 heads; ``attention``: its
+    other arguments), mean-pooled."""
 
-    def __init__(self) -> None:
+    def __init__(self, **attention: Any) -> None:
         super().__init__()
-        self.embed, self.attn, self.fc = nn.Linear(8, 16), HeadCountAttention(), nn.Linear(16, 10)
+        self.embed, self.attn, self.fc = nn.Linear(8, 16), HeadCountAttention(**attention), nn.Linear(16, 10)
 
     def forward(self, x):
         tokens = self.embed(x.reshape(x.shape[0], 8, 8))

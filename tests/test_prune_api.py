@@ -9,7 +9,7 @@ import torch_pruning
 from torch import nn
 
 from helpers import (
-    ChannelShuffleNet, EvenUnitsFirst, assert_same_state, duplicate_odd_units, odd_rows_at_cosine,
+    ChannelShuffleNet, EvenUnitsFirst, HeadCountNet, assert_same_state, duplicate_odd_units, odd_rows_at_cosine,
     randomize_batchnorm, refused_untouched_then_skipped, state,
 )
 from test_prune_exactness import GroupedConvNet
@@ -513,60 +513,30 @@ def test_heads_of_explicit_matmul_attention_need_their_size():
     assert model(X).shape == (8, 10)
 
 
-class DeclaredHeadsAttention(nn.Module):
-    """BERT-style attention written out with ``@`` that declares its heads (``num_attention_heads`` x
-    ``attention_head_size``) and reshapes with the count (the size it reshapes with is its own)."""
-
-    def __init__(self, dim: int = 32, heads: int = 4) -> None:
-        super().__init__()
-        self.num_attention_heads = heads
-        self.attention_head_size = self._size = dim // heads
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, t):
-        b, n, _ = t.shape
-
-        def split(y):
-            return y.view(b, n, self.num_attention_heads, self._size).transpose(1, 2)
-
-        q, k, v = split(self.q(t)), split(self.k(t)), split(self.v(t))
-        a = ((q @ k.transpose(-2, -1)) / self._size ** 0.5).softmax(-1) @ v
-        return self.o(a.transpose(1, 2).reshape(b, n, -1))
-
-
-class DeclaredHeadsNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.attn, self.head = nn.Linear(8, 32), DeclaredHeadsAttention(), nn.Linear(32, 10)
-
-    def forward(self, x):
-        t = self.embed(x.reshape(-1, 8, 8))
-        return self.head((t + self.attn(t)).mean(1))
-
-
 @torch.no_grad()
 def test_heads_of_explicit_matmul_attention_that_declares_them_are_found():
-    """The layer's own head size and count (multiplying to the projection width) give the unit: heads 1 and 3,
-    silenced, are removed whole, the count follows, and the outputs are unchanged."""
+    """BERT-style attention written out with ``@`` that declares its heads (``num_attention_heads`` x
+    ``head_size``, multiplying to the projection width) and reshapes with the count: heads 1 and 3, silenced,
+    are removed whole, the count follows, and the outputs are unchanged."""
     torch.manual_seed(0)
-    model = DeclaredHeadsNet()
+    model = HeadCountNet(count_attribute="num_attention_heads", explicit=True)
     attn = model.attn
     for h in (1, 3):
-        for layer in (attn.q, attn.k, attn.v):
-            layer.weight[8 * h:8 * h + 8] = 0
-            layer.bias[8 * h:8 * h + 8] = 0
-        attn.o.weight[:, 8 * h:8 * h + 8] = 0
+        for layer in (attn.q_proj, attn.k_proj, attn.v_proj):
+            layer.weight[4 * h:4 * h + 4] = 0
+            layer.bias[4 * h:4 * h + 4] = 0
+        attn.out_proj.weight[:, 4 * h:4 * h + 4] = 0
     expected = model(X)
-    report = prune(model, X, 0.5, method="default", importance="l2", include=["attn.q"])
-    assert [(g.width_before, g.width_after) for g in report.groups] == [(32, 16)]
-    assert next(idx for name, side, idx in report.removals if name == "attn.q" and side == "out") == [*range(8, 16), *range(24, 32)]
-    assert attn.num_attention_heads == 2 and attn.q.out_features == attn.k.out_features == attn.v.out_features == 16
+    report = prune(model, X, 0.5, method="default", importance="l2", include=["attn.q_proj"])
+    assert [(g.width_before, g.width_after) for g in report.groups] == [(16, 8)]
+    assert next(idx for name, side, idx in report.removals if name == "attn.q_proj" and side == "out") == [*range(4, 8), *range(12, 16)]
+    assert attn.num_attention_heads == 2 and attn.q_proj.out_features == attn.k_proj.out_features == attn.v_proj.out_features == 8
     assert torch.allclose(model(X), expected, atol=1e-6)
 
 
 def test_declared_heads_that_do_not_make_up_the_width_are_not_trusted():
-    model = DeclaredHeadsNet()
-    model.attn.attention_head_size = 4  # 4 declared heads of 4 are not its 32 channels: not trusted
+    model = HeadCountNet(count_attribute="num_attention_heads", explicit=True)
+    model.attn.head_size = 2  # 4 declared heads of 2 are not its 16 channels: not trusted
     with pytest.raises(UnsupportedModelError, match="matrix product of activations"):
         prune(model, X, 0.5)
 
