@@ -40,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     train_set, test_set = digits_tensors()
     batches = [b[0] for b in DataLoader(train_set, batch_size=64, shuffle=False)][:8]
-    models = [trained(args.model, train_set, seed) for seed in range(args.seeds)]
+    models = [trained(args.model, seed) for seed in range(args.seeds)]
     methods = {"unpruned": None, **variants(1.0, has_batchnorm=True)}
     methods = {label: extra for label, extra in methods.items() if label != "if-ours"} | {"if-ours": methods["if-ours"]}
     ratios, signal, shifts, accs = {}, {}, {}, {}

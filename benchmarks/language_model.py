@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from lightning_intrafusion import OTConfig, prune
+from pinned_training import load_or_train
 
 CACHE = os.path.join(os.path.dirname(__file__), ".cache")
 SPARSITIES = (0.3, 0.5, 0.7)
@@ -105,16 +106,22 @@ def train(model, text: torch.Tensor, seed: int, steps: int = 1500, batch: int = 
     return model.eval()
 
 
-def trained(seed: int, text: torch.Tensor, family: str = "llama"):
-    model = build(seed, family)
-    path = os.path.join(CACHE, f"{family}_stdlib_seed{seed}.pt")
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
+def _cache_path(seed: int, family: str) -> str:
+    return os.path.join(CACHE, f"{family}_stdlib_seed{seed}.pt")
+
+
+def save_trained(seed: int, family: str) -> None:
+    """Train the ``family`` model from seed ``seed`` on the standard library text and cache it on disk; run by
+    :func:`trained` in a pinned child process."""
+    model = train(build(seed, family), stdlib_text()[0], seed)
     os.makedirs(CACHE, exist_ok=True)
-    train(model, text, seed)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    torch.save(model.state_dict(), _cache_path(seed, family))
+
+
+def trained(seed: int, family: str = "llama"):
+    """The ``family`` model trained from seed ``seed``, cached on disk (trained reproducibly where missing:
+    ``pinned_training.py``)."""
+    return load_or_train(_cache_path(seed, family), build(seed, family), "language_model", "save_trained", seed, family)
 
 
 @torch.no_grad()
@@ -174,7 +181,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()} standard library text: "
           f"{len(train_text):,} train / {len(test_text):,} held-out bytes; held-out bits per byte (lower is better), "
           f"mean ±std over {args.seeds} models; 256 held-out windows of {SEQUENCE} bytes; {args.family}\n")
-    models = [trained(seed, train_text, args.family) for seed in range(args.seeds)]
+    models = [trained(seed, args.family) for seed in range(args.seeds)]
     scope = scopes(args.family)
     if args.tied_width:
         tied_width(models, test, example, calibration)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from lightning_intrafusion import OTConfig, prune, synthesize_inputs
 from lightning_intrafusion.datasets import digits_tensors
 from lightning_intrafusion.models import SmallMobileNet, SmallResNet, SmallTransformer, SmallVGG, resnet18
+from pinned_training import load_or_train
 
 CACHE = os.path.join(os.path.dirname(__file__), ".cache")
 SPARSITIES = (0.3, 0.5, 0.7)
@@ -73,20 +74,28 @@ def train(model: nn.Module, train_set, epochs: int = 30, seed: int = 0) -> nn.Mo
     return model.eval()
 
 
-def trained(name: str, train_set, seed: int = 0) -> nn.Module:
-    """The model trained from seed ``seed`` (initialisation and data order), cached on disk."""
-    factory, _ = MODELS[name]
-    torch.manual_seed(seed)
-    model = factory()
+def _cache_path(name: str, seed: int) -> str:
     suffix = "_mha" if "MHA" in name else "_se" if "SE" in name else ""
-    path = os.path.join(CACHE, f"{name.split()[0]}{suffix}_seed{seed}.pt")
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
+    return os.path.join(CACHE, f"{name.split()[0]}{suffix}_seed{seed}.pt")
+
+
+def _build(name: str, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return {**MODELS, **EXTRA}[name][0]()
+
+
+def save_trained(name: str, seed: int) -> None:
+    """Train model ``name`` from seed ``seed`` (initialisation and data order) and cache it on disk; run by
+    :func:`trained` in a pinned child process."""
+    model = train(_build(name, seed), digits_tensors()[0], seed=seed)
     os.makedirs(CACHE, exist_ok=True)
-    train(model, train_set, seed=seed)
-    torch.save(model.state_dict(), path)
-    return model.eval()
+    torch.save(model.state_dict(), _cache_path(name, seed))
+
+
+def trained(name: str, seed: int = 0) -> nn.Module:
+    """The model trained from seed ``seed``, cached on disk (trained reproducibly where missing:
+    ``pinned_training.py``)."""
+    return load_or_train(_cache_path(name, seed), _build(name, seed), "oneshot", "save_trained", name, seed)
 
 
 @torch.no_grad()
@@ -153,7 +162,7 @@ def main() -> None:
     # (name, sparsity, label) -> per-model accuracies [without data, calibration data, synthetic BN recal]
     results = {}
     for name in MODELS:
-        models = [trained(name, train_set, seed) for seed in seeds]
+        models = [trained(name, seed) for seed in seeds]
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
         has_depthwise = any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels for m in models[0].modules())
         print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | | |")
@@ -290,7 +299,7 @@ def ablations(train_set, test_set, seeds, results) -> None:
     for label, extra in changes.items():
         per_cell = {}
         for name in names:
-            models = [trained(name, train_set, seed) for seed in seeds]
+            models = [trained(name, seed) for seed in seeds]
             for s in SPARSITIES:
                 per_cell[name, s] = [_mean([run_cell(m, name, s, extra, train_set, test_set, cal)[0] for m in models])
                                      for cal in (False, True)]
@@ -313,7 +322,7 @@ def sweep(train_set, test_set, seeds) -> None:
     print("| model | sparsity | data | " + " | ".join(f"{mc:g}" for mc in SWEEP) + " |")
     print("|---|---|---|" + "---|" * len(SWEEP))
     for name in MODELS:
-        models = [trained(name, train_set, seed) for seed in seeds]
+        models = [trained(name, seed) for seed in seeds]
         if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules()):
             continue
         for s in SPARSITIES:
@@ -344,7 +353,7 @@ def sweep_without_bn(train_set, test_set, seeds) -> None:
     print("| model | sparsity | default | " + " | ".join(f"{c}" for c in SWEEP_WITHOUT_BN) + " |")
     print("|---|---|---|" + "---|" * len(SWEEP_WITHOUT_BN))
     for name in [n for n in MODELS if n not in EXTRA and n != "resnet"]:
-        models = [trained(name, train_set, seed) for seed in seeds]
+        models = [trained(name, seed) for seed in seeds]
         for s in SPARSITIES:
             plain = [run_cell(m, name, s, dict(method="default"), train_set, test_set, False)[0] for m in models]
             cells = []
@@ -364,7 +373,7 @@ def refit(train_set, test_set, seeds, results) -> None:
     print("| model | sparsity | default, linear | if-ours, linear | default, refit | if-ours, refit | if-ours refit - default refit (paired) | seconds |")
     print("|---|---|---|---|---|---|---|---|")
     for name in [n for n in MODELS if n not in EXTRA]:
-        models = [trained(name, train_set, seed) for seed in seeds]
+        models = [trained(name, seed) for seed in seeds]
         for s in SPARSITIES:
             refit_runs = {label: [run_cell(m, name, s, dict(extra, compensation="refit"), train_set, test_set, True) for m in models]
                           for label, extra in (("default", dict(method="default")), ("if-ours", {}))}
@@ -385,7 +394,7 @@ def parts(train_set, test_set, seeds, max_cost: float) -> None:
     print("| model | groups | sparsity | default | if-paper | if-ours | if-ours - default (paired) |")
     print("|---|---|---|---|---|---|---|")
     for name, scopes in PARTS.items():
-        models = [trained(name, train_set, seed) for seed in seeds]
+        models = [trained(name, seed) for seed in seeds]
         for scope_name, scope in scopes.items():
             for s in SPARSITIES:
                 accs = {label: [run_cell(m, name, s, extra, train_set, test_set, False, scope)[0] for m in models]

@@ -46,7 +46,7 @@ def main() -> None:
     print(f"| model | calibration data | {header} | seconds |")
     print("|---|---|" + "---|" * len(SPARSITIES) + "---|")
     for name in ("vgg", "resnet", "mobilenet"):
-        models = [trained(name, train_set, seed) for seed in range(args.seeds)]
+        models = [trained(name, seed) for seed in range(args.seeds)]
 
         def row(label: str, batches_per_model, seconds: str = "") -> None:
             cells = []
