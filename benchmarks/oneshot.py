@@ -6,7 +6,8 @@ compensation, for every method alike) and with synthetic BN recalibration; no fi
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost (the BatchNorm groups' discard cost)
     python benchmarks/oneshot.py --sweep-without-bn   # also sweep OTConfig.max_cost_without_bn (groups without BN)
     python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
-    python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates)
+    python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates), and the
+                                            # depthwise rule on them with re-estimated BN statistics
     python benchmarks/oneshot.py --ablations   # each OTConfig choice of our defaults against its alternative
     python benchmarks/oneshot.py --refit    # also calibration with the layer-wise refit (compensation="refit")
 """
@@ -105,7 +106,7 @@ def accuracy(model: nn.Module, data) -> float:
     return (model(x).argmax(1) == y).float().mean().item() * 100
 
 
-def variants(max_cost: float, has_batchnorm: bool, has_depthwise: bool = False):
+def variants(max_cost: float, has_batchnorm: bool):
     out = {
         "default": dict(method="default"),
         "if-paper": dict(ot_config=OTConfig.paper()),
@@ -113,8 +114,6 @@ def variants(max_cost: float, has_batchnorm: bool, has_depthwise: bool = False):
     }
     if has_batchnorm:  # ablation: what the data-free BN variance correction adds
         out["if-ours w/o var. corr."] = dict(ot_config=OTConfig(max_cost=max_cost, correct_variance=False))
-    if has_depthwise:  # ablation: depthwise chains merged like any channels
-        out["if-ours w/o depthwise rule"] = dict(ot_config=OTConfig(max_cost=max_cost, depthwise_max_cost=None))
     return out
 
 
@@ -164,13 +163,12 @@ def main() -> None:
     for name in MODELS:
         models = [trained(name, seed) for seed in seeds]
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
-        has_depthwise = any(isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels == m.out_channels for m in models[0].modules())
         print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | | |")
         # data-free inputs distilled from each unpruned model's BN statistics (what calibration_data="synthetic"
         # does inside prune(); distilled once per model here, since they depend only on the unpruned model)
         distilled = [synthesize_inputs(m, test_set.tensors[0][:8]) for m in models] if has_batchnorm else []
         for s in SPARSITIES:
-            for label, extra in variants(args.max_cost, has_batchnorm, has_depthwise).items():
+            for label, extra in variants(args.max_cost, has_batchnorm).items():
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
                 accs, report = [a for a, _ in runs], runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
@@ -193,6 +191,8 @@ def main() -> None:
         parts(train_set, test_set, seeds, args.max_cost)
     if args.ablations:
         ablations(train_set, test_set, seeds, results)
+    if args.extra:
+        depthwise_rule(train_set, test_set, seeds)
     if args.refit:
         refit(train_set, test_set, seeds, results)
     if not args.no_timing:
@@ -401,6 +401,26 @@ def parts(train_set, test_set, seeds, max_cost: float) -> None:
                         for label, extra in variants(max_cost, False).items()}
                 print(f"| {name} | {scope_name} | {s:.0%} | {mean_std(accs['default'])} | {mean_std(accs['if-paper'])} | "
                       f"{mean_std(accs['if-ours'])} | {_paired(accs['if-ours'], accs['default'])} |")
+
+
+def depthwise_rule(train_set, test_set, seeds) -> None:
+    """The MobileNets with calibration data and mean or no compensation, where BN statistics are re-estimated
+    and ``OTConfig.depthwise_max_cost`` applies: with the rule and without it (depthwise chains merged like any
+    channels). Without data the rule is off; with linear compensation every group merges near-duplicates only."""
+    print(f"\nMobileNets with calibration data, BN statistics re-estimated (mean accuracy over {len(seeds)} models; in "
+          "brackets: paired difference to if-ours and on how many models the variant is at or above it)\n")
+    print("| model | sparsity | compensation | default | if-ours | if-ours w/o depthwise rule |")
+    print("|---|---|---|---|---|---|")
+    loose = dict(ot_config=OTConfig(depthwise_max_cost=None))
+    for name in EXTRA:
+        models = [trained(name, seed) for seed in seeds]
+        for s in SPARSITIES:
+            for compensation in ("mean", "none"):
+                accs = {label: [run_cell(m, name, s, dict(extra, compensation=compensation), train_set, test_set, True)[0]
+                                for m in models]
+                        for label, extra in (("default", dict(method="default")), ("if-ours", {}), ("w/o", loose))}
+                print(f"| {name} | {s:.0%} | {compensation} | {_mean(accs['default']):.1f} | {_mean(accs['if-ours']):.1f} | "
+                      f"{_mean(accs['w/o']):.1f} ({_paired(accs['w/o'], accs['if-ours'])}) |")
 
 
 def timing(repeats: int = 3) -> None:

@@ -96,6 +96,11 @@ def test_compensated_means_tighten_the_threshold_of_groups_without_batchnorm():
         OTConfig(max_cost_without_bn_compensated=0.0)
 
 
+def test_depthwise_rule_applies_only_where_statistics_are_re_estimated():
+    assert OTConfig().resolved(recalibrated=True, compensated=True).depthwise_max_cost == 0.5
+    assert OTConfig().resolved(recalibrated=False).depthwise_max_cost is None
+
+
 def test_auto_solver_is_exact_unless_statistics_are_re_estimated():
     assert OTConfig().solver == "auto"
     assert OTConfig().resolved(recalibrated=False).solver == "emd"

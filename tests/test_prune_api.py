@@ -103,18 +103,22 @@ def test_heads_are_merged_only_when_near_duplicates():
     assert all(g.merged == 16 for g in loose.groups)  # every removed channel of the two removed heads
 
 
-def test_depthwise_chains_are_merged_only_when_near_duplicates():
-    """Channels computed by expansion -> depthwise convs are dropped unless a near-duplicate is kept;
-    residual-stream channels of the same net are merged as usual; depthwise_max_cost=None merges all."""
+def test_depthwise_chains_are_merged_only_when_near_duplicates_if_batchnorm_is_re_estimated():
+    """In a step whose BN statistics are re-estimated, channels computed by expansion -> depthwise convs are
+    dropped unless a near-duplicate is kept, and residual-stream channels of the same net are merged as usual;
+    depthwise_max_cost=None merges all; a data-free step merges them like any channels."""
     torch.manual_seed(0)
     model = SmallMobileNet(width=8).eval()
-    strict = prune(copy.deepcopy(model), X, 0.5)
-    loose = prune(copy.deepcopy(model), X, 0.5, ot_config=OTConfig(depthwise_max_cost=None))
+    recalibrated = dict(calibration_data=[X], compensation="none")
+    strict = prune(copy.deepcopy(model), X, 0.5, **recalibrated)
+    loose = prune(copy.deepcopy(model), X, 0.5, ot_config=OTConfig(depthwise_max_cost=None), **recalibrated)
+    data_free = prune(copy.deepcopy(model), X, 0.5)
     depthwise = {g.name for g in strict.groups if g.name.endswith("block.3")}
     assert len(depthwise) == 3
     assert all(g.merged == 0 for g in strict.groups if g.name in depthwise)
     assert all(g.merged > 0 for g in strict.groups if g.name not in depthwise)
     assert all(g.merged > 0 for g in loose.groups if g.name in depthwise)
+    assert all(g.merged > 0 for g in data_free.groups if g.name in depthwise)
 
 
 def test_groups_without_batchnorm_merge_only_correlated_channels():
