@@ -106,7 +106,8 @@ def prune(
             re-estimating statistics cannot repair the outputs, this does. Fusion then merges only closer
             channels: under ``"linear"`` near-duplicates only (``OTConfig.max_cost_regressed``: the regression
             predicts the others better than merging them), under ``"mean"`` groups without BatchNorm within
-            ``OTConfig.max_cost_without_bn_compensated``.
+            ``OTConfig.max_cost_without_bn_compensated``, under ``"refit"`` nothing (the refit pulls every kept
+            channel back to its own output, so ``"intrafusion"`` and ``"default"`` give the same model).
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -369,7 +370,9 @@ def _prune_groups(
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
-        if method == "intrafusion":
+        # the refit pulls every kept channel back to its own unpruned output, which a merge into it contradicts
+        # (its merged BN parameters and consumer columns would stay): under it, fusion merges nothing
+        if method == "intrafusion" and compensation != "refit":
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
         # from the consumer columns as they are before fusion
@@ -390,7 +393,7 @@ def _prune_groups(
         if unit > 1 and all(side in ("out", "in") for _, side, _ in group.layers):  # heads removed as plain layer rows
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
                                                removed.tolist()))
-        merged = f", {report.merged} merged" if method == "intrafusion" else ""
+        merged = f", {report.merged} merged" if transport is not None else ""
         merged += " (the tied weight's columns removed, not merged)" if group.tied and method == "intrafusion" else ""
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")

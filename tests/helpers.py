@@ -30,9 +30,9 @@ class EvenUnitsFirst:
 
 @torch.no_grad()
 def duplicate_odd_units(model: nn.Module, example_inputs, include: Optional[Sequence[str]] = None,
-                        units: Optional[Mapping[str, int]] = None) -> None:
+                        units: Optional[Mapping[str, int]] = None, consumers: bool = False) -> None:
     """In every prunable group, copy the producer side (weights, biases, norm parameters and
-    statistics) of unit 2m onto unit 2m+1. Consumer columns stay independent."""
+    statistics) of unit 2m onto unit 2m+1. Consumer columns stay independent unless ``consumers``."""
     graph = build_graph(model, example_inputs)
     for group in iter_groups(graph):
         if group.protected or group.unsupported:
@@ -44,7 +44,7 @@ def duplicate_odd_units(model: nn.Module, example_inputs, include: Optional[Sequ
             if any(matches(p, [pattern]) for p in group.producers):
                 unit = size
         for s in group.slices:
-            if s.role != "producer":
+            if s.role != "producer" and not consumers:
                 continue
             module, attr = group.targets[s.key]
             tensor = getattr(module, attr)
