@@ -80,7 +80,7 @@ class OTConfig:
             statistics are re-estimated afterwards (see :meth:`resolved`): a channel computed by two
             nonlinear stages cannot be averaged with a different one either, and once the statistics are
             re-estimated dropping it costs less than such a merge (measured with calibration data and mean
-            or no compensation: merged like other channels, fusion lost 4-13 points on the benchmark's
+            or no compensation: merged like other channels, fusion lost 3.5-12.8 points on the benchmark's
             MobileNets). Without re-estimation merging them like other channels was better (all 6 cells of
             the benchmark's MobileNets without data). ``None`` merges them like any channels.
         features: what describes a channel: ``"producer"`` (the weights that compute it; two channels
@@ -171,8 +171,9 @@ class OTConfig:
     def resolved(self, recalibrated: bool, compensated: bool = False, regressed: bool = False) -> "OTConfig":
         """The configuration for one step: ``solver="auto"`` made concrete (``"sinkhorn"`` when BatchNorm
         statistics are re-estimated after the step, ``recalibrated``; ``"emd"`` otherwise; an explicit
-        solver is kept); ``depthwise_max_cost`` dropped unless ``recalibrated``; when the means of removed channels are ``compensated``, ``max_cost_without_bn``
-        replaced by ``max_cost_without_bn_compensated`` (unless either is ``None``); when they are
+        solver is kept); ``depthwise_max_cost`` dropped unless ``recalibrated``; when the means of removed
+        channels are ``compensated``, ``max_cost_without_bn`` replaced by ``max_cost_without_bn_compensated``
+        (unless either is ``None``); when they are
         ``regressed`` (linear compensation), every partial group's threshold is ``max_cost_regressed``
         (absolute), unless that is ``None``."""
         config = self

@@ -394,7 +394,7 @@ def _prune_groups(
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
                                                removed.tolist()))
         merged = f", {report.merged} merged" if transport is not None else ""
-        merged += " (the tied weight's columns removed, not merged)" if group.tied and method == "intrafusion" else ""
+        merged += " (the tied weight's columns removed, not merged)" if group.tied and transport is not None else ""
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")
     names = {m: n for n, m in graph.model.named_modules()}
