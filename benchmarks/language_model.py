@@ -110,18 +110,16 @@ def _cache_path(seed: int, family: str) -> str:
     return os.path.join(CACHE, f"{family}_stdlib_seed{seed}.pt")
 
 
-def save_trained(seed: int, family: str) -> None:
-    """Train the ``family`` model from seed ``seed`` on the standard library text and cache it on disk; run by
-    :func:`trained` in a pinned child process."""
-    model = train(build(seed, family), stdlib_text()[0], seed)
-    os.makedirs(CACHE, exist_ok=True)
-    torch.save(model.state_dict(), _cache_path(seed, family))
+def train_from_seed(seed: int, family: str):
+    """The ``family`` model trained from seed ``seed`` on the standard library text; run by :func:`trained` in a
+    pinned child process."""
+    return train(build(seed, family), stdlib_text()[0], seed)
 
 
 def trained(seed: int, family: str = "llama"):
     """The ``family`` model trained from seed ``seed``, cached on disk (trained reproducibly where missing:
     ``pinned_training.py``)."""
-    return load_or_train(_cache_path(seed, family), build(seed, family), "language_model", "save_trained", seed, family)
+    return load_or_train(_cache_path(seed, family), build(seed, family), "language_model", "train_from_seed", seed, family)
 
 
 @torch.no_grad()

@@ -85,18 +85,16 @@ def _build(name: str, seed: int) -> nn.Module:
     return {**MODELS, **EXTRA}[name][0]()
 
 
-def save_trained(name: str, seed: int) -> None:
-    """Train model ``name`` from seed ``seed`` (initialisation and data order) and cache it on disk; run by
-    :func:`trained` in a pinned child process."""
-    model = train(_build(name, seed), digits_tensors()[0], seed=seed)
-    os.makedirs(CACHE, exist_ok=True)
-    torch.save(model.state_dict(), _cache_path(name, seed))
+def train_from_seed(name: str, seed: int) -> nn.Module:
+    """Model ``name`` trained from seed ``seed`` (initialisation and data order); run by :func:`trained` in a
+    pinned child process."""
+    return train(_build(name, seed), digits_tensors()[0], seed=seed)
 
 
 def trained(name: str, seed: int = 0) -> nn.Module:
     """The model trained from seed ``seed``, cached on disk (trained reproducibly where missing:
     ``pinned_training.py``)."""
-    return load_or_train(_cache_path(name, seed), _build(name, seed), "oneshot", "save_trained", name, seed)
+    return load_or_train(_cache_path(name, seed), _build(name, seed), "oneshot", "train_from_seed", name, seed)
 
 
 @torch.no_grad()

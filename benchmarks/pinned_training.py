@@ -31,18 +31,21 @@ PINNED_ENVIRONMENT = {
 }
 
 
-def train_pinned(module: str, function: str, *args: Any) -> None:
-    """Run ``module.function(*args)`` (a module of this folder; arguments JSON-serialisable) in a child
-    process pinned as above; it should train a model and save it where the caller will load it."""
-    code = (f"import json, sys; sys.path.insert(0, {HERE!r}); import {module}; "
-            f"{module}.{function}(*json.loads(sys.argv[1]))")
-    subprocess.run([sys.executable, "-c", code, json.dumps(args)], env={**os.environ, **PINNED_ENVIRONMENT}, check=True)
+def train_pinned(path: str, module: str, function: str, *args: Any) -> None:
+    """Save at ``path`` the state dict of the model ``module.function(*args)`` trains (a module of this folder;
+    arguments JSON-serialisable), run in a child process pinned as above."""
+    code = (f"import json, os, sys, torch; sys.path.insert(0, {HERE!r}); import {module}; "
+            f"model = {module}.{function}(*json.loads(sys.argv[1])); path = sys.argv[2]; "
+            "os.makedirs(os.path.dirname(path), exist_ok=True); torch.save(model.state_dict(), path + '.part'); "
+            "os.replace(path + '.part', path)")
+    subprocess.run([sys.executable, "-c", code, json.dumps(args), path], env={**os.environ, **PINNED_ENVIRONMENT},
+                   check=True)
 
 
 def load_or_train(path: str, model: nn.Module, module: str, function: str, *args: Any) -> nn.Module:
-    """``model`` (freshly built, as trained) with the weights cached at ``path``, which ``module.function(*args)``
-    writes in a pinned child process where they are missing; in eval mode."""
+    """``model`` (freshly built, as trained) with the weights cached at ``path``, trained by
+    ``module.function(*args)`` in a pinned child process where they are missing; in eval mode."""
     if not os.path.exists(path):
-        train_pinned(module, function, *args)
+        train_pinned(path, module, function, *args)
     model.load_state_dict(torch.load(path, weights_only=True))
     return model.eval()
