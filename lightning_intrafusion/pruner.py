@@ -392,7 +392,7 @@ def _prune_groups(
         entries.extend(group.removals(removed))
         if unit > 1 and all(side in ("out", "in") for _, side, _ in group.layers):  # heads removed as plain layer rows
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
-                                               removed.tolist()))
+                                               removed.tolist(), group.config_counts))
         merged = f", {report.merged} merged" if transport is not None else ""
         merged += " (the tied weight's columns removed, not merged)" if group.tied and transport is not None else ""
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "

@@ -1,6 +1,6 @@
 """Channel groups of layers recognised by their attributes rather than read from the dependency graph:
 the heads of ``nn.MultiheadAttention``, of packed-qkv (GPT-2), grouped key/value (LLaMA family, Phi),
-interleaved (GPT-NeoX) and sectioned (ModernBERT) attention, and the neurons of gated MLPs with packed gate and up projections (Phi-3,
+interleaved (GPT-NeoX), sectioned (ModernBERT) and split-qkv (Phi-3) attention, and the neurons of gated MLPs with packed gate and up projections (Phi-3,
 ModernBERT).
 Torch-Pruning cannot follow their splits and reshapes; each layer's own attributes say which tensor rows
 and columns hold a head's or a neuron's channels.
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_intrafusion import (grouped_attention, interleaved_attention, packed_attention, packed_mlp,
-                                   sectioned_attention)
+                                   sectioned_attention, split_qkv_attention)
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import Layout, parameter_slot, projection_width, section_positions
 from lightning_intrafusion.fusion import ChannelSlice
@@ -78,6 +78,16 @@ def _sectioned_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     return _linear_layers_group(name, module, parts, sectioned_attention.positions(module), module.head_dim)
 
 
+def _split_qkv_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
+    """The query channels of an attention layer whose ``qkv_proj`` holds the query, key and value heads in three
+    sections of their own sizes (Phi-3), in units of one key/value head and its query heads: a row of each
+    section produces a channel, a column of ``o_proj`` consumes it."""
+    parts = [("qkv_proj", "qkv_proj", "producer"), ("o_proj", "o_proj", "consumer")]
+    group = _linear_layers_group(name, module, parts, split_qkv_attention.positions(module), split_qkv_attention.unit(module))
+    group.head_size, group.config_counts = module.head_dim, split_qkv_attention.CONFIG_COUNTS
+    return group
+
+
 def _packed_mlp_neurons(name: str, module: nn.Module, names: Tuple[str, str]) -> PrunableGroup:
     """The neurons of a gated MLP with packed gate and up projections: each produced by two rows of the
     packed projection (``names[0]``: its gate and its up row), consumed by a column of the down projection."""
@@ -93,6 +103,7 @@ RECOGNISED: Tuple[Tuple[Callable[[nn.Module], bool], Tuple[str, ...], Callable[[
     (grouped_attention.is_grouped_attention, ("q_proj", "k_proj", "v_proj"), _grouped_attention_heads),
     (interleaved_attention.is_interleaved_attention, ("query_key_value",), _interleaved_attention_heads),
     (sectioned_attention.is_sectioned_attention, ("Wqkv",), _sectioned_attention_heads),
+    (split_qkv_attention.is_split_qkv_attention, ("qkv_proj",), _split_qkv_attention_heads),
 ) + tuple((partial(packed_mlp.is_packed_gated_mlp, names=names), names[:1], partial(_packed_mlp_neurons, names=names))
           for names in packed_mlp.LAYER_NAMES)
 

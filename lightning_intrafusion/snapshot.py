@@ -1,23 +1,22 @@
-"""All-or-nothing model surgery: remember a module tree's tensors and shape attributes, and put
-them back if a pruning step fails half way.
+"""All-or-nothing model surgery: remember a module tree's tensors and attributes, and put them back if a
+pruning step fails half way.
 
-Pruning and fusion never write into existing tensors: they rebind ``Parameter.data`` or replace
-parameters and buffers. Remembering references is therefore enough; nothing is copied.
+Pruning and fusion never write into existing tensors or objects: they rebind ``Parameter.data``, replace
+parameters and buffers, and give a layer a copy of a config before changing it. Remembering references is
+therefore enough; nothing is copied.
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-import torch
 from torch import nn
-
-_PLAIN = (int, float, bool, str, tuple, type(None), torch.Size)
 
 
 class ModelSnapshot:
-    """References to every parameter (with its data and grad), buffer, child module and plain
-    attribute of every submodule, taken at construction; :meth:`restore` makes the module tree as it was."""
+    """References to every parameter (with its data and grad), buffer, child module and public attribute (a
+    head count, a config) of every submodule, taken at construction; :meth:`restore` makes the module tree as
+    it was."""
 
     def __init__(self, model: nn.Module) -> None:
         self._entries: List[Tuple[nn.Module, Dict[str, Any]]] = []
@@ -28,7 +27,7 @@ class ModelSnapshot:
                 "data": {k: (p.data, p.grad, p.requires_grad) for k, p in params.items() if p is not None},
                 "buffers": dict(module._buffers),
                 "modules": dict(module._modules),
-                "attrs": {k: v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _PLAIN)},
+                "attrs": {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training"},
                 "training": module.training,
             }))
 

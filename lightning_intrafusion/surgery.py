@@ -9,6 +9,7 @@ class rebuilds the pruned shapes (so ``load_state_dict`` works on pruned checkpo
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any, Dict, List, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from lightning_intrafusion.execution import eager
 # (module name, "out" | "in", indices), (parameter name, "dim<d>", indices), (attention layer name,
 # "heads" | "embed", projection or embedding channels), or (module name, "count:<attribute>", removed
 # heads or channels): an int attribute of the module that counts them shrinks by their number
+# ("count:config.<attribute>": one of the config it holds, which the module first gets a copy of)
 Removal = Tuple[str, str, List[int]]
 COUNT = "count:"
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")  # attributes that count heads
@@ -147,13 +149,14 @@ def _tie_again(model: nn.Module, shared: Dict[int, List[str]]) -> None:
 
 
 def head_count_removals(model: nn.Module, projections: Sequence[str], width: int, head_size: int, unit: int,
-                        removed: Sequence[int]) -> List[Removal]:
+                        removed: Sequence[int], config_counts: Sequence[str] = ()) -> List[Removal]:
     """Records that keep an attention layer's own head counts (and projection width) in step when the
     projection channels ``removed`` go, in whole units of ``unit`` channels (one key/value head's query
     heads, with grouped key/value heads; else one head of ``head_size``). The layer is the common parent of
     the ``projections`` (query/key/value layers); only int attributes named like a head count that hold the
     current count are concerned: :data:`HEAD_COUNTS` (query heads), ``num_key_value_heads`` (units) and
-    :data:`HEAD_WIDTHS` (channels). A forward that reshapes with such an attribute
+    :data:`HEAD_WIDTHS` (channels), and the attributes ``config_counts`` of the layer's ``config`` (a forward
+    that reads its head count there: Phi-3). A forward that reshapes with such an attribute
     (``view(batch, -1, self.num_heads, head_size)``) would otherwise regroup tokens silently."""
     parents = {name.rpartition(".")[0] for name in projections}
     if len(parents) != 1:
@@ -161,9 +164,11 @@ def head_count_removals(model: nn.Module, projections: Sequence[str], width: int
     parent = parents.pop()
     module = model.get_submodule(parent) if parent else model
     sizes = {**{attr: head_size for attr in HEAD_COUNTS}, "num_key_value_heads": unit, **{attr: 1 for attr in HEAD_WIDTHS}}
+    config = getattr(module, "config", None)
+    counted = [(attr, getattr(module, attr, None), size) for attr, size in sizes.items()]
+    counted += [(f"config.{attr}", getattr(config, attr, None), sizes[attr]) for attr in config_counts]
     out: List[Removal] = []
-    for attr, size in sizes.items():
-        value = getattr(module, attr, None)
+    for attr, value, size in counted:
         if isinstance(value, int) and not isinstance(value, bool) and value == width // size:
             out.append((parent, COUNT + attr, sorted({int(c) // size for c in removed})))
     return out
@@ -175,8 +180,11 @@ def _apply_removals(model: nn.Module, removals: Sequence[Removal]) -> None:
         if side.startswith(COUNT):
             if name not in modules:
                 raise ValueError(f"pruning history names a module {name!r} that the model does not have")
-            attr = side[len(COUNT):]
-            setattr(modules[name], attr, getattr(modules[name], attr) - len(idxs))
+            owner, (holder, _, attr) = modules[name], side[len(COUNT):].rpartition(".")
+            if holder:  # the layer's config, which every layer may share: the layer gets a copy of its own
+                setattr(owner, holder, copy.copy(getattr(owner, holder)))
+                owner = getattr(owner, holder)
+            setattr(owner, attr, getattr(owner, attr) - len(idxs))
             continue
         if side.startswith("dim"):
             _prune_parameter(model, name, int(side[3:]), idxs)

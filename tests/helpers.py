@@ -236,11 +236,12 @@ def refused_untouched_then_skipped(model: nn.Module, inputs: Any, error: type, m
 
 
 @torch.no_grad()
-def twin_odd_heads(model: nn.Module, inputs: Mapping[str, Any], output_projections: Sequence[nn.Linear], unit: int = 8) -> None:
-    """Unit 2m+1 of every ``*.q_proj`` group (a head, or a key/value head's query heads: ``unit`` channels) made a
-    twin of unit 2m (query, key and value rows), and its columns in each output projection halved, so that
-    magnitude importance keeps the even units."""
-    duplicate_odd_units(model, inputs, include=["*.q_proj"], units={"*.q_proj": unit})
+def twin_odd_heads(model: nn.Module, inputs: Mapping[str, Any], output_projections: Sequence[nn.Linear], unit: int = 8,
+                   queries: str = "*.q_proj") -> None:
+    """Unit 2m+1 of every group of the ``queries`` projections (a head, or a key/value head's query heads: ``unit``
+    channels) made a twin of unit 2m (query, key and value rows), and its columns in each output projection
+    halved, so that magnitude importance keeps the even units."""
+    duplicate_odd_units(model, inputs, include=[queries], units={queries: unit})
     for projection in output_projections:
         for start in range(unit, projection.in_features, 2 * unit):
             projection.weight[:, start:start + unit] *= 0.5

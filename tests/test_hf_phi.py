@@ -1,8 +1,8 @@
 """Hugging Face Phi and Phi-3 (built from small configs, nothing downloaded). Phi's attention has separate
 q/k/v projections, partial rotary embeddings and an output projection named ``dense``; Phi-3 packs its
 MLP's gate and up projections in one layer (``gate_up_proj``, chunked in two in the forward), which the
-dependency graph cannot follow, and its query/key/value in another (``qkv_proj``, split by a head count
-the forward reads from the shared config, so its heads are left whole)."""
+dependency graph cannot follow, and its query/key/value heads in another (``qkv_proj``, split at a head
+count the forward reads from the config that all layers share)."""
 
 import pytest
 import torch
@@ -14,15 +14,16 @@ from helpers import (
 )
 from lightning_intrafusion import OTConfig, UnsupportedModelError, prune
 from lightning_intrafusion.packed_mlp import is_packed_gated_mlp
+from lightning_intrafusion.surgery import replay_history
 
 transformers = pytest.importorskip("transformers")
 
 
-def _phi3():
+def _phi3(kv_heads: int = 2, **config):
     torch.manual_seed(0)
     config = transformers.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=50, max_position_embeddings=16,
-                                     pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+                                     num_key_value_heads=kv_heads, vocab_size=50, max_position_embeddings=16,
+                                     pad_token_id=0, bos_token_id=0, eos_token_id=0, tie_word_embeddings=False, **config)
     return transformers.Phi3ForCausalLM(config).eval(), {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
 
 
@@ -51,17 +52,64 @@ def test_packed_gate_and_up_neurons_fuse_exactly():
     assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
-def test_one_call_prunes_mlps_and_hidden_width_and_leaves_the_packed_heads_whole():
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_split_qkv_heads_fuse_exactly_in_units_of_a_key_value_head(kv_heads):
+    """Phi-3's ``qkv_proj``: all query heads, then the key heads, then the value heads. Unit 2m+1 (a key/value
+    head with its query heads) twins unit 2m; fusion keeps the outputs, plain pruning does not. Each layer
+    gets a config of its own whose head counts follow its pruning (the forward splits ``qkv_proj`` at
+    ``config.num_attention_heads``); the model's config is left as it was."""
+    model, inputs = _phi3(kv_heads, partial_rotary_factor=0.5)
+    twin_odd_heads(model, inputs, [layer.self_attn.o_proj for layer in model.model.layers], 8 * 4 // kv_heads, "*.qkv_proj")
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, include=["*.qkv_proj"],
+                                                            ot_config=OTConfig(features="producer"))
+    assert [(g.name, g.width_after, g.merged) for g in report.groups] == [
+        (f"model.layers.{i}.self_attn.qkv_proj", 16, 16) for i in range(2)]
+    attn = fused.model.layers[0].self_attn
+    assert attn.qkv_proj.weight.shape == (16 + 2 * 8 * (kv_heads // 2), 32) and attn.o_proj.weight.shape == (32, 16)
+    assert (attn.num_key_value_heads, attn.config.num_attention_heads, attn.config.num_key_value_heads) == (
+        kv_heads // 2, 2, kv_heads // 2)
+    assert fused.config.num_attention_heads == 4 and fused.config.num_key_value_heads == kv_heads
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
+    assert_reloads(fused, _phi3(kv_heads, partial_rotary_factor=0.5)[0], report, inputs)
+
+
+def test_one_call_prunes_heads_mlps_and_hidden_width_twice_and_generates():
+    """The whole model in one call, then again: the second step reads each layer's own head counts."""
+    model, inputs = _phi3(kv_heads=4)
+    first = prune(model, inputs, 0.5)
+    assert not first.unsupported
+    assert {g.name: g.width_after for g in first.groups} == {
+        **{f"model.layers.{i}.mlp.gate_up_proj": 32 for i in range(2)},
+        **{f"model.layers.{i}.self_attn.qkv_proj": 16 for i in range(2)}, "model.layers.1.mlp.down_proj": 16}
+    second = prune(model, inputs, 0.5, include=["*.qkv_proj"])
+    attn = model.model.layers[1].self_attn
+    assert attn.qkv_proj.weight.shape == (3 * 8, 16) and attn.config.num_attention_heads == attn.num_key_value_heads == 1
+    fresh = _phi3(kv_heads=4)[0]
+    replay_history(fresh, [first.removals, second.removals])
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh(**inputs).logits, model(**inputs).logits)
+    prompt = inputs["input_ids"][:1]  # with the key/value cache
+    assert torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False),
+                       fresh.generate(prompt, max_new_tokens=3, do_sample=False))
+
+
+def test_a_failed_step_gives_the_layers_their_shared_config_back(monkeypatch):
+    """All or nothing: a step that fails after the removals puts back the one config all layers share."""
+    import lightning_intrafusion.pruner as pruner
+
     model, inputs = _phi3()
-    with pytest.warns(UserWarning, match="qkv_proj"):
-        report = prune(model, inputs, 0.5, on_unsupported="skip")
-    assert sorted(report.unsupported) == [f"model.layers.{i}.self_attn.qkv_proj" for i in range(2)]
-    assert {g.name: g.width_after for g in report.groups} == {
-        "model.layers.0.mlp.gate_up_proj": 32, "model.layers.1.mlp.gate_up_proj": 32, "model.layers.1.mlp.down_proj": 16}
-    assert model.model.layers[0].mlp.gate_up_proj.weight.shape == (64, 16)
-    with torch.no_grad():
-        assert model(**inputs).logits.shape == (2, 8, 50)
-    assert_reloads(model, _phi3()[0], report, inputs)
+    before, config = state(model), model.config
+
+    def fail(*args, **kwargs):
+        assert model.model.layers[0].self_attn.config.num_attention_heads == 2  # the removal did happen
+        raise RuntimeError("injected failure after the removals")
+
+    monkeypatch.setattr(pruner, "check_still_runs", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        prune(model, inputs, 0.5, include=["*.qkv_proj"])
+    assert all(layer.self_attn.config is config for layer in model.model.layers)
+    assert config.num_attention_heads == 4 and model.model.layers[0].self_attn.num_key_value_heads == 2
+    assert_same_state(before, state(model))
 
 
 def test_optimizer_state_of_packed_neurons_is_sliced_like_the_weights():
