@@ -39,6 +39,8 @@ class PrunableGroup:
     # keys of its slices of a parameter that several of its layers share (tied embeddings): that tensor's columns
     # are removed, never merged (its other tensors are fused)
     tied: Tuple[str, ...] = ()
+    # the norm that feeds the tied output layer and nothing else, if one does: it makes up for the unmerged columns
+    tied_norm: Optional[str] = None
     targets: Dict[str, Tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
     # (layer, "out" | "in", positions), or (parameter name, "dim<d>", positions) for a bare parameter
     layers: List[Tuple[Any, str, torch.Tensor]] = field(default_factory=list, repr=False)

@@ -29,6 +29,7 @@ from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import eager
 from lightning_intrafusion.forward_check import ForwardBrokenError, Signature, check_still_runs, forward_signature
 from lightning_intrafusion.fusion import (
+    ChannelSlice,
     channel_correlation,
     channel_features,
     channel_gram,
@@ -49,6 +50,7 @@ from lightning_intrafusion.surgery import (
     Removal, apply_removals, complement, head_count_removals, merge_removals, shared_parameters,
 )
 from lightning_intrafusion.synthetic import synthesize_inputs
+from lightning_intrafusion.tied_output import column_scales, find_norms_before, scale_channels
 
 METHODS = ("intrafusion", "default")
 
@@ -230,6 +232,8 @@ class _Step:
         selected, skipped = select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported,
                                           self.unresolved)
         selected = check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
+        if self.method == "intrafusion":
+            find_norms_before(model, self.example_inputs, selected)
         return graph, selected, skipped
 
     def run(self, model: nn.Module, leave_out: Optional[Mapping[str, str]] = None, only: Optional[str] = None
@@ -386,7 +390,7 @@ def _prune_groups(
         if transport is not None:
             # a tied weight (an embedding shared with the output layer) cannot be averaged as the one and summed
             # as the other: its columns are only removed, every other tensor of the group is fused
-            report.merged = _fuse(graph, group, transport, kept, unit, group_config, leave=group.tied)
+            report.merged, folded = _fuse(graph, group, transport, kept, unit, group_config, leave=group.tied)
         _shift_biases(graph.model, shifts)
         _update_columns(graph.model, updates)
         entries.extend(group.removals(removed))
@@ -394,7 +398,9 @@ def _prune_groups(
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
                                                removed.tolist(), group.config_counts))
         merged = f", {report.merged} merged" if transport is not None else ""
-        merged += " (the tied weight's columns removed, not merged)" if group.tied and transport is not None else ""
+        if group.tied and transport is not None:
+            merged += (f" (the tied weight's columns removed, not merged; {folded} scales them)" if folded
+                       else " (the tied weight's columns removed, not merged)")
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")
     names = {m: n for n, m in graph.model.named_modules()}
@@ -404,14 +410,16 @@ def _prune_groups(
 
 
 def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, kept: Tensor, unit: int,
-          config: OTConfig, leave: Collection[str] = ()) -> int:
+          config: OTConfig, leave: Collection[str] = ()) -> Tuple[int, Optional[str]]:
     """Merge all channels of ``group`` into the kept ones along the transport map (kept channels x all
     channels; values only, shapes are unchanged until the removal), in every tensor but those keyed in
-    ``leave`` (left as they are). Returns how many removed channels were merged somewhere."""
+    ``leave`` (left as they are: a tied output layer's, made up for by the norm before it where there is one,
+    see :mod:`~lightning_intrafusion.tied_output`). Returns how many removed channels were merged somewhere,
+    and the name of the norm that makes up for a tied output layer, if one does."""
     channels = _expand_index(kept, unit)
     merged = int((transport.sum(0) > 0).sum().item()) - len(channels)
     if merged == 0 and not (config.correct_variance and _batchnorm_after_consumers(graph, group)):
-        return 0  # every kept channel keeps only itself: nothing to merge, nothing to correct
+        return 0, None  # every kept channel keeps only itself: nothing to merge, nothing to correct
     slices = [s for s in group.slices if s.key not in leave]
     # channel similarities, once per group: norm preservation, BN statistics and the variance estimate share them
     similarity = channel_gram(slices, group.folds, ("producer",))
@@ -421,8 +429,27 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, ke
     if config.correct_variance:
         ratios = output_variance_ratios(slices, similarity, mats["producer"], channels, fused)
         _correct_following_batchnorms(graph, group, ratios)
+    folded = _fold_tied_output(graph, group, [s for s in group.slices if s.key in leave], mats["consumer"], channels, fused)
     _assign(group, fused)
-    return merged
+    return merged, folded
+
+
+def _fold_tied_output(graph: tp.DependencyGraph, group: PrunableGroup, left: Sequence[ChannelSlice], merge: Tensor,
+                      kept: Tensor, fused: Dict[str, Tensor]) -> Optional[str]:
+    """Make up for the unmerged columns of a tied output layer (among the slices ``left``) through the norm that
+    feeds it (``group.tied_norm``; its kept channels scaled in ``fused``), where the fold is exact on the norm.
+    Returns the norm's name, or None."""
+    consumer = next((s for s in left if s.role == "consumer" and s.is_feature), None)
+    if group.tied_norm is None or consumer is None:
+        return None
+    norm = graph.model.get_submodule(group.tied_norm)
+    keys = {leaf: f"{group.tied_norm}.{leaf}" for leaf in ("weight", "bias") if getattr(norm, leaf, None) is not None}
+    new = scale_channels(norm, {leaf: fused[key] for leaf, key in keys.items()}, kept,
+                         column_scales(merge, consumer.rows(), kept))
+    if new is None:
+        return None
+    fused.update({keys[leaf]: value for leaf, value in new.items()})
+    return group.tied_norm
 
 
 def _lost_shares(width: int, removed: Tensor, transport: Optional[Tensor]) -> Tensor:

@@ -97,6 +97,21 @@ def test_tied_width_is_pruned_once_and_stays_tied():
         prune(model, {"input_ids": inputs["input_ids"]}, 0.5, include=MLP)
 
 
+def test_tied_width_fuses_exactly_through_the_final_layer_norm():
+    """Hidden channel 2m+1 a twin of 2m. The shared tensor's columns are removed without merging, and
+    ``ln_f``, which feeds the output layer and nothing else, scales its kept channels by what the output
+    layer's merged columns would have added (here 2): the logits are kept exactly; plain pruning does not keep them."""
+    model, inputs = _gpt2()
+    duplicate_odd_units(model, inputs, include=["transformer.h.1.mlp.c_proj"])
+    weight, bias = model.transformer.ln_f.weight.detach().clone(), model.transformer.ln_f.bias.detach().clone()
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance=EvenUnitsFirst(),
+                                                            include=["transformer.h.1.mlp.c_proj"])
+    assert [(g.name, g.width_after, g.merged) for g in report.groups] == [("transformer.h.1.mlp.c_proj", 16, 16)]
+    assert fused.lm_head.weight is fused.transformer.wte.weight
+    assert torch.allclose(fused.transformer.ln_f.weight, 2 * weight[0::2]) and torch.allclose(fused.transformer.ln_f.bias, 2 * bias[0::2])
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
+
+
 def test_optimizer_state_of_the_tied_width_is_sliced_once():
     model, inputs = _gpt2()
     prune_with_mirrored_momentum(model, lambda m: prune(m, inputs, 0.5, method="default"))

@@ -24,7 +24,7 @@ FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"), "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
 
 
-def _llama(kv_heads: int = 4, family: str = "llama"):
+def _llama(kv_heads: int = 4, family: str = "llama", tied: bool = False):
     """A 2-layer model of the LLaMA family (Qwen2: biased q/k/v projections; Gemma2: its own norms and
     attention scaling; Qwen3: an RMSNorm on every query and key head; OLMo-2: one on all of them together),
     4 query heads of 8 channels."""
@@ -32,7 +32,7 @@ def _llama(kv_heads: int = 4, family: str = "llama"):
     torch.manual_seed(0)
     config = config_class(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=kv_heads, head_dim=8, vocab_size=50, max_position_embeddings=16,
-                          tie_word_embeddings=False)
+                          tie_word_embeddings=tied)
     model = model_class(config).eval()
     return model, {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
 
@@ -45,6 +45,21 @@ def test_mlps_and_rmsnorm_hidden_width_fuse_exactly():
     assert sorted((g.name, g.width_after) for g in report.groups) == [
         ("model.layers.0.mlp.up_proj", 32), ("model.layers.1.mlp.down_proj", 16), ("model.layers.1.mlp.up_proj", 32)]
     assert fused.model.norm.weight.shape == (16,) and fused.model.layers[0].self_attn.q_proj.weight.shape == (32, 16)
+    assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_hidden_width_tied_to_the_output_layer_fuses_exactly_through_the_final_norm(family):
+    """The output layer shares the input embedding, whose columns are removed without merging; the final
+    RMSNorm (Gemma2's scales by 1 + weight) feeds only the output layer, so its kept channels are scaled to
+    make up for the unmerged columns: twinned channels fuse exactly."""
+    model, inputs = _llama(family=family, tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    duplicate_odd_units(model, inputs, include=MLP_AND_HIDDEN[1:])
+    fused, plain, report, expected = fuse_and_prune_plainly(model, inputs, 0.5, importance=EvenUnitsFirst(),
+                                                            include=MLP_AND_HIDDEN[1:], ot_config=OTConfig(features="producer"))
+    assert [(g.name, g.width_after, g.merged) for g in report.groups] == [("model.layers.1.mlp.down_proj", 16, 16)]
+    assert fused.lm_head.weight is fused.model.embed_tokens.weight and fused.lm_head.weight.shape == (50, 16)
     assert_only_fusion_keeps_the_outputs(fused, plain, inputs, expected)
 
 
