@@ -444,6 +444,8 @@ def _fold_tied_output(graph: tp.DependencyGraph, group: PrunableGroup, left: Seq
         return None
     norm = graph.model.get_submodule(group.tied_norm)
     keys = {leaf: f"{group.tied_norm}.{leaf}" for leaf in ("weight", "bias") if getattr(norm, leaf, None) is not None}
+    if any(key not in fused for key in keys.values()):
+        return None
     new = scale_channels(norm, {leaf: fused[key] for leaf, key in keys.items()}, kept,
                          column_scales(merge, consumer.rows(), kept))
     if new is None:

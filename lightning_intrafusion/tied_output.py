@@ -38,8 +38,11 @@ def find_norms_before(model: nn.Module, example_inputs: Any, groups: Sequence[Pr
     outputs: Dict[str, Tensor] = {}  # candidates' outputs (held, so that no other tensor takes their ids)
     readers: Dict[str, List[nn.Module]] = {}
 
+    calls: Dict[str, int] = {}
+
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Tuple[Any, ...], output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(output, Tensor):
                 outputs[name], readers[name] = output, []
         return hook
@@ -55,7 +58,9 @@ def find_norms_before(model: nn.Module, example_inputs: Any, groups: Sequence[Pr
     hooks += [module.register_forward_pre_hook(read) for module in model.modules()]
     eval_forward(model, example_inputs, hooks)
     for group, consumer, candidates in wanted:
-        group.tied_norm = next((name for name in candidates if readers.get(name) == [consumer]), None)
+        # a norm called more than once (one module reused) is seen only in its last call: left alone
+        group.tied_norm = next((name for name in candidates if calls.get(name) == 1 and readers.get(name) == [consumer]),
+                               None)
 
 
 def _holds_channels(group: PrunableGroup, name: str, module: nn.Module) -> bool:

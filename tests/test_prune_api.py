@@ -322,6 +322,37 @@ def test_fusion_of_a_tied_width_merges_every_tensor_but_the_shared_one():
     assert (plain(ids) - expected / 2).abs().max() > 1e-2
 
 
+class TiedEmbeddingsNormed(TiedEmbeddings):
+    """The same with a LayerNorm before the decoder; ``reuse``: the same LayerNorm also normalises the embeddings."""
+
+    def __init__(self, reuse: bool) -> None:
+        super().__init__()
+        self.norm, self.reuse = nn.LayerNorm(16), reuse
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        h = self.norm(h) if self.reuse else h
+        return self.decoder(self.norm(h + self.fc2(torch.relu(self.fc1(h)))))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("reuse", [False, True])
+def test_a_norm_feeding_only_the_tied_decoder_makes_up_for_its_unmerged_columns(reuse):
+    """Twinned hidden channels: the LayerNorm before the decoder doubles its kept channels, so the logits are kept
+    exactly; a LayerNorm that is called twice (once on the embeddings too) is left alone: half the logits."""
+    torch.manual_seed(0)
+    model = TiedEmbeddingsNormed(reuse)
+    with torch.no_grad():
+        model.norm.weight.uniform_(0.5, 1.5)
+        model.norm.bias.uniform_(-0.5, 0.5)
+    ids = torch.randint(0, 20, (4, 6))
+    duplicate_odd_units(model, ids, include=["embed"])
+    expected = model(ids)
+    report = prune(model, ids, 0.5, include=["embed"], importance=EvenUnitsFirst(), ot_config=OTConfig(features="producer"))
+    assert [(g.width_after, g.merged) for g in report.groups] == [(8, 8)]  # one group, named after fc2 or embed
+    assert torch.allclose(model(ids), expected / 2 if reuse else expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("compensation", ["linear", "refit"])
 def test_repairs_with_data_leave_a_tied_weight_alone(compensation):
     """Linear compensation and the refit would rewrite the decoder's columns, which are the embedding's: the
