@@ -27,9 +27,9 @@ class PrunableGroup:
     blocks: int = 1
     unit: int = 1  # channels that are only kept or removed together (the head size of attention heads)
     head_size: int = 0  # one head's channels where a unit holds several heads (grouped key/value heads)
-    # head counts of the attention layer's config that its forward reads (Phi-3's ``num_attention_heads``): the
-    # layer gets a copy of the config (which all layers share) that follows its pruning
-    config_counts: Tuple[str, ...] = ()
+    # further attributes of the attention layer that count its heads or channels and that its forward reads
+    # (``config.num_attention_heads`` for Phi-3: the layer gets a copy of the config, which all layers share)
+    counts: Tuple[str, ...] = ()
     hidden_heads: bool = False  # channels meet in a batched matmul of activations: heads of unseen size
     # channels are reshaped and their dims transposed outside attention: the graph may not follow a
     # channel permutation (a ShuffleNet channel shuffle), so the mapping is checked by a probe

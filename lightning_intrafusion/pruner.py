@@ -396,7 +396,7 @@ def _prune_groups(
         entries.extend(group.removals(removed))
         if unit > 1 and all(side in ("out", "in") for _, side, _ in group.layers):  # heads removed as plain layer rows
             entries.extend(head_count_removals(graph.model, group.producers, group.width, group.head_size or unit, unit,
-                                               removed.tolist(), group.config_counts))
+                                               removed.tolist(), group.counts))
         merged = f", {report.merged} merged" if transport is not None else ""
         if group.tied and transport is not None:
             merged += (f" (the tied weight's columns removed, not merged; {folded} scales them)" if folded

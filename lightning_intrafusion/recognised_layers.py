@@ -1,6 +1,6 @@
 """Channel groups of layers recognised by their attributes rather than read from the dependency graph:
 the heads of ``nn.MultiheadAttention``, of packed-qkv (GPT-2), grouped key/value (LLaMA family, Phi),
-interleaved (GPT-NeoX), sectioned (ModernBERT) and split-qkv (Phi-3) attention, and the neurons of gated MLPs with packed gate and up projections (Phi-3,
+interleaved (GPT-NeoX), sectioned (ModernBERT), split-qkv (Phi-3) and multi-query (GPT-BigCode) attention, and the neurons of gated MLPs with packed gate and up projections (Phi-3,
 ModernBERT).
 Torch-Pruning cannot follow their splits and reshapes; each layer's own attributes say which tensor rows
 and columns hold a head's or a neuron's channels.
@@ -14,8 +14,8 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from lightning_intrafusion import (grouped_attention, interleaved_attention, packed_attention, packed_mlp,
-                                   sectioned_attention, split_qkv_attention)
+from lightning_intrafusion import (grouped_attention, interleaved_attention, multi_query_attention, packed_attention,
+                                   packed_mlp, sectioned_attention, split_qkv_attention)
 from lightning_intrafusion.attention import LAYOUTS as ATTENTION_LAYOUTS
 from lightning_intrafusion.attention import Layout, parameter_slot, projection_width, section_positions
 from lightning_intrafusion.fusion import ChannelSlice
@@ -84,7 +84,16 @@ def _split_qkv_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
     section produces a channel, a column of ``o_proj`` consumes it."""
     parts = [("qkv_proj", "qkv_proj", "producer"), ("o_proj", "o_proj", "consumer")]
     group = _linear_layers_group(name, module, parts, split_qkv_attention.positions(module), split_qkv_attention.unit(module))
-    group.head_size, group.config_counts = module.head_dim, split_qkv_attention.CONFIG_COUNTS
+    group.head_size, group.counts = module.head_dim, split_qkv_attention.COUNTS
+    return group
+
+
+def _multi_query_attention_heads(name: str, module: nn.Module) -> PrunableGroup:
+    """The query channels of a multi-query attention layer (GPT-BigCode), in units of one query head: the query
+    rows of ``c_attn`` produce them, the columns of ``c_proj`` consume them; the shared key/value head stays."""
+    parts = [("c_attn", "query", "producer"), ("c_proj", "query", "consumer")]
+    group = _linear_layers_group(name, module, parts, multi_query_attention.positions(module), module.head_dim)
+    group.counts = multi_query_attention.COUNTS
     return group
 
 
@@ -104,6 +113,7 @@ RECOGNISED: Tuple[Tuple[Callable[[nn.Module], bool], Tuple[str, ...], Callable[[
     (interleaved_attention.is_interleaved_attention, ("query_key_value",), _interleaved_attention_heads),
     (sectioned_attention.is_sectioned_attention, ("Wqkv",), _sectioned_attention_heads),
     (split_qkv_attention.is_split_qkv_attention, ("qkv_proj",), _split_qkv_attention_heads),
+    (multi_query_attention.is_multi_query_attention, ("c_attn",), _multi_query_attention_heads),
 ) + tuple((partial(packed_mlp.is_packed_gated_mlp, names=names), names[:1], partial(_packed_mlp_neurons, names=names))
           for names in packed_mlp.LAYER_NAMES)
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 # head counts of the layer's config that follow its pruning (the forward reads the first)
-CONFIG_COUNTS: Tuple[str, ...] = ("num_attention_heads", "num_key_value_heads")
+COUNTS: Tuple[str, ...] = ("config.num_attention_heads", "config.num_key_value_heads")
 
 
 def is_split_qkv_attention(module: nn.Module) -> bool:

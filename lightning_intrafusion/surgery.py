@@ -31,6 +31,9 @@ Removal = Tuple[str, str, List[int]]
 COUNT = "count:"
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")  # attributes that count heads
 HEAD_WIDTHS = ("all_head_size",)  # attributes that count projection channels (heads x head size)
+# what further attributes count, where a recognised layer names them (``counts`` of head_count_removals)
+COUNTED_BY = {"num_attention_heads": "head", "num_key_value_heads": "unit", "num_key_value_groups": "head",
+              "embed_dim": "channel", "split_size": "channel"}
 
 
 class TransposedLinearPruner(tp.pruner.function.BasePruningFunc):
@@ -149,24 +152,27 @@ def _tie_again(model: nn.Module, shared: Dict[int, List[str]]) -> None:
 
 
 def head_count_removals(model: nn.Module, projections: Sequence[str], width: int, head_size: int, unit: int,
-                        removed: Sequence[int], config_counts: Sequence[str] = ()) -> List[Removal]:
+                        removed: Sequence[int], counts: Sequence[str] = ()) -> List[Removal]:
     """Records that keep an attention layer's own head counts (and projection width) in step when the
     projection channels ``removed`` go, in whole units of ``unit`` channels (one key/value head's query
     heads, with grouped key/value heads; else one head of ``head_size``). The layer is the common parent of
     the ``projections`` (query/key/value layers); only int attributes named like a head count that hold the
     current count are concerned: :data:`HEAD_COUNTS` (query heads), ``num_key_value_heads`` (units) and
-    :data:`HEAD_WIDTHS` (channels), and the attributes ``config_counts`` of the layer's ``config`` (a forward
-    that reads its head count there: Phi-3). A forward that reshapes with such an attribute
-    (``view(batch, -1, self.num_heads, head_size)``) would otherwise regroup tokens silently."""
+    :data:`HEAD_WIDTHS` (channels), and ``counts``, further attributes that the layer's forward is known to
+    read (:data:`COUNTED_BY`; ``config.<name>``: one of the layer's config, as Phi-3 reads its head count). A
+    forward that reshapes with such an attribute (``view(batch, -1, self.num_heads, head_size)``) would
+    otherwise regroup tokens silently."""
     parents = {name.rpartition(".")[0] for name in projections}
     if len(parents) != 1:
         return []
     parent = parents.pop()
     module = model.get_submodule(parent) if parent else model
     sizes = {**{attr: head_size for attr in HEAD_COUNTS}, "num_key_value_heads": unit, **{attr: 1 for attr in HEAD_WIDTHS}}
-    config = getattr(module, "config", None)
     counted = [(attr, getattr(module, attr, None), size) for attr, size in sizes.items()]
-    counted += [(f"config.{attr}", getattr(config, attr, None), sizes[attr]) for attr in config_counts]
+    for path in counts:
+        holder, _, attr = path.rpartition(".")
+        per = {"head": head_size, "unit": unit, "channel": 1}[COUNTED_BY[attr]]
+        counted.append((path, getattr(getattr(module, holder) if holder else module, attr, None), per))
     out: List[Removal] = []
     for attr, value, size in counted:
         if isinstance(value, int) and not isinstance(value, bool) and value == width // size:
