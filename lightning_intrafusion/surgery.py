@@ -172,7 +172,7 @@ def head_count_removals(model: nn.Module, projections: Sequence[str], width: int
     for path in counts:
         holder, _, attr = path.rpartition(".")
         per = {"head": head_size, "unit": unit, "channel": 1}[COUNTED_BY[attr]]
-        counted.append((path, getattr(getattr(module, holder) if holder else module, attr, None), per))
+        counted.append((path, getattr(getattr(module, holder, None) if holder else module, attr, None), per))
     out: List[Removal] = []
     for attr, value, size in counted:
         if isinstance(value, int) and not isinstance(value, bool) and value == width // size:
