@@ -74,7 +74,13 @@ def unit(module: nn.Module) -> int:
 def positions(module: nn.Module) -> Dict[str, torch.Tensor]:
     """``(query channels, 1)`` positions of every query channel in the query/output projections
     (``"query"``) and in the key/value projections (``"key_value"``: the key/value channel it attends with)."""
-    width, head_dim, groups = module.q_proj.out_features, module.head_dim, key_value_groups(module)
+    width = module.q_proj.out_features
+    return {"query": torch.arange(width)[:, None],
+            "key_value": key_value_channels(width, module.head_dim, key_value_groups(module))[:, None]}
+
+
+def key_value_channels(width: int, head_dim: int, groups: int) -> torch.Tensor:
+    """For each of ``width`` query channels, the key/value channel it attends with: query head ``h`` uses
+    key/value head ``h // groups``, dimension for dimension."""
     channels = torch.arange(width)
-    head, dim = channels // head_dim, channels % head_dim
-    return {"query": channels[:, None], "key_value": ((head // groups) * head_dim + dim)[:, None]}
+    return (channels // head_dim // groups) * head_dim + channels % head_dim

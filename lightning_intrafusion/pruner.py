@@ -232,8 +232,6 @@ class _Step:
         selected, skipped = select_groups(graph, self.include, self.exclude, self.channel_blocks, self.on_unsupported,
                                           self.unresolved)
         selected = check_reordered_channels(model, self.example_inputs, selected, self.on_unsupported, skipped)
-        if self.method == "intrafusion":
-            find_norms_before(model, self.example_inputs, selected)
         return graph, selected, skipped
 
     def run(self, model: nn.Module, leave_out: Optional[Mapping[str, str]] = None, only: Optional[str] = None
@@ -243,6 +241,8 @@ class _Step:
         graph, selected, skipped = self.select(model)
         skipped.update({g.root_name: leave_out[g.root_name] for g in selected if g.root_name in (leave_out or {})})
         selected = [g for g in selected if g.root_name not in skipped and only in (None, g.root_name)]
+        if _fuses(self.method, self.compensation):
+            find_norms_before(model, self.example_inputs, selected)
         if needs_gradients(self.scorer):
             _accumulate_gradients(model, self.gradient_fn)
         targets = self.layer_outputs(model, selected)
@@ -374,9 +374,7 @@ def _prune_groups(
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
-        # the refit pulls every kept channel back to its own unpruned output, which a merge into it contradicts
-        # (its merged BN parameters and consumer columns would stay): under it, fusion merges nothing
-        if method == "intrafusion" and compensation != "refit":
+        if _fuses(method, compensation):
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
         # from the consumer columns as they are before fusion
@@ -407,6 +405,13 @@ def _prune_groups(
     removals = merge_removals(entries, names)
     apply_removals(graph.model, removals)
     return reports, removals
+
+
+def _fuses(method: str, compensation: str) -> bool:
+    """Whether a step merges channels: Intra-Fusion does, except under the refit, which pulls every kept channel
+    back to its own unpruned output, which a merge into it contradicts (its merged BN parameters and consumer
+    columns would stay)."""
+    return method == "intrafusion" and compensation != "refit"
 
 
 def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, kept: Tensor, unit: int,

@@ -20,6 +20,8 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
+from lightning_intrafusion.grouped_attention import key_value_channels
+
 # head counts of the layer's config that follow its pruning (the forward reads the first)
 COUNTS: Tuple[str, ...] = ("config.num_attention_heads", "config.num_key_value_heads")
 
@@ -48,8 +50,9 @@ def unit(module: nn.Module) -> int:
 def positions(module: nn.Module) -> Dict[str, torch.Tensor]:
     """``(query channels, c)`` positions of every query channel: its query row in ``qkv_proj`` and the rows of
     the key and value channel it attends with (``"qkv_proj"``), its column in ``o_proj`` (``"o_proj"``)."""
-    width, head_dim, kv_heads = module.o_proj.in_features, module.head_dim, module.num_key_value_heads
+    width, head_dim = module.o_proj.in_features, module.head_dim
     channels = torch.arange(width)
-    key_value = (channels // head_dim // module.num_key_value_groups) * head_dim + channels % head_dim
-    return {"qkv_proj": torch.stack([channels, width + key_value, width + kv_heads * head_dim + key_value], dim=1),
+    key_value = key_value_channels(width, head_dim, module.num_key_value_groups)
+    keys_width = module.num_key_value_heads * head_dim
+    return {"qkv_proj": torch.stack([channels, width + key_value, width + keys_width + key_value], dim=1),
             "o_proj": channels[:, None]}

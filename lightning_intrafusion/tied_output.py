@@ -26,15 +26,14 @@ def find_norms_before(model: nn.Module, example_inputs: Any, groups: Sequence[Pr
     and nothing else, if there is one: a module whose 1-D ``weight`` (and ``bias``) hold the group's channels
     as they are, whose output (or a view of it: a slice of the tokens) the output layer reads, as one forward
     pass on ``example_inputs`` shows, and no other module does."""
-    wanted = []
-    for group in groups:
+    wanted, modules = [], dict(model.named_modules())
+    for group in (g for g in groups if g.tied):
         consumers = [group.targets[s.key][0] for s in group.slices if s.key in group.tied and s.role == "consumer"]
-        norms = [name for name, module in model.named_modules() if _holds_channels(group, name, module)]
+        norms = [name for name, module in modules.items() if _holds_channels(group, name, module)]
         if len(consumers) == 1 and norms:
             wanted.append((group, consumers[0], norms))
     if not wanted:
         return
-    modules = dict(model.named_modules())
     outputs: Dict[str, Tensor] = {}  # candidates' outputs (held, so that no other tensor takes their ids)
     readers: Dict[str, List[nn.Module]] = {}
 
