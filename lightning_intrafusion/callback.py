@@ -57,9 +57,10 @@ class IntraFusionCallback(Callback):
             step without data, measured on a copy, and ``acc_post_recalibrated`` the model after the step.
             The default ``OTConfig(solver="auto")`` takes Sinkhorn plans on models with BatchNorm
             (see :meth:`OTConfig.resolved`).
-        compensation: with ``recalibrate_batches``, how the contribution of removed channels is kept, as in
-            :func:`prune`: ``"refit"``, ``"linear"``, ``"mean"`` or ``"none"`` (default here; ``prune()`` defaults to
-            ``"linear"``). Measured during training (``benchmarks/during_training.py``): linear compensation
+        compensation: how the contribution of removed channels is kept, as in :func:`prune`: ``"refit"``,
+            ``"linear"``, ``"mean"`` or ``"none"`` (default here, also for data-free steps, which otherwise
+            compensate on modelled inputs, ``OTConfig.gaussian_compensation``; ``prune()`` defaults to ``"linear"``).
+            With ``recalibrate_batches`` on those batches. Measured during training (``benchmarks/during_training.py``): linear compensation
             lifts accuracy right after events (VGG: up to +4.1 points) but the transformer ended 1.8-2.2 points
             lower after training on, and mean compensation cost it 8-12 points right after two events: a repair
             fitted to a network far from converged is a poor guide for what training does next. ``"refit"`` was
@@ -306,7 +307,7 @@ class IntraFusionCallback(Callback):
         """The metric of a copy pruned by ``method`` without data (the model itself is untouched)."""
         clone = _detached_copy(pl_module)
         prune(clone, example, sparsity, method=method, reference_widths=self.reference_widths or None,
-              **self.prune_kwargs)
+              compensation=self.compensation, **self.prune_kwargs)
         return self._measure(trainer, clone)
 
     # ------------------------------------------------------------------ checkpoints

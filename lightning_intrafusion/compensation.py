@@ -46,11 +46,16 @@ class InputStatistics:
         mean: ``E[x]``, ``(m,)``.
         second_moment: ``E[x x^T]``, ``(m, m)``, where measured (linear compensation).
         has_bias: whether the layer has a bias to carry constant shifts.
+        samples: how many input rows (tokens, pixels) the moments are over.
+        ridge: the ridge of the least squares that predicts removed channels from these moments (relative, see
+            :data:`RIDGE`); larger for modelled moments than for measured ones.
     """
 
     mean: Tensor
     second_moment: Optional[Tensor] = None
     has_bias: bool = True
+    samples: int = 0
+    ridge: float = RIDGE
 
 
 def output_inverse(projection: nn.Linear) -> Optional[Tensor]:
@@ -111,7 +116,7 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
             layer = key[: -len(".output")] if key.endswith(".output") else key[: -len(".weight")]
             raise ValueError(f"calibration_data gave non-finite (NaN or inf) inputs to layer {layer!r}: check the "
                              "batches, or the model's outputs on them")
-    stats = {key: InputStatistics(m.mean(), m.second_moment() if m.cross else None, has_bias[key])
+    stats = {key: InputStatistics(m.mean(), m.second_moment() if m.cross else None, has_bias[key], m.count)
              for key, m in moments.items() if not key.endswith(".output")}
     for key, module in attention_outputs.items():
         seen = moments.get(key + ".output")
@@ -126,7 +131,7 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
         if seen.cross:  # E[(y - b)(y - b)^T] mapped back
             centred = seen.second_moment() - torch.outer(seen.mean(), bias) - torch.outer(bias, seen.mean()) + torch.outer(bias, bias)
             second = inverse @ centred @ inverse.T
-        stats[key] = InputStatistics(mean, second, has_bias[key])
+        stats[key] = InputStatistics(mean, second, has_bias[key], seen.count)
     return stats
 
 
@@ -173,10 +178,11 @@ class ColumnUpdate:
 
 
 def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[str, InputStatistics], lost: Tensor,
-                             kept: Tensor, ridge: float = RIDGE) -> Dict[str, ColumnUpdate]:
+                             kept: Tensor, ridge: Optional[float] = None) -> Dict[str, ColumnUpdate]:
     """For every consumer weight of a group whose input second moments are known: the lost share of each
     channel predicted from the ``kept`` channels by ridge-regularised least squares (with an intercept where
-    the consumer has a bias), as updates of the kept channels' columns and of the bias.
+    the consumer has a bias), as updates of the kept channels' columns and of the bias. ``ridge``: default, each
+    consumer's statistics' own.
 
     One coefficient per pair of channels, shared by every input position a channel has: a convolution reads
     a channel at every pixel (its kernel taps share the coefficients), a linear layer after a flatten reads it
@@ -204,7 +210,8 @@ def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[st
 
         gram, cross = pooled(staying, staying), pooled(removed, staying)
         scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
-        regularised = gram + ridge * scale * torch.eye(len(staying), dtype=gram.dtype, device=gram.device)
+        ridge_used = stats.ridge if ridge is None else ridge
+        regularised = gram + ridge_used * scale * torch.eye(len(staying), dtype=gram.dtype, device=gram.device)
         coefficients = torch.linalg.solve(regularised, cross.T).T  # (removed, kept) channels
         columns = weight.index_select(1, removed.reshape(-1).to(weight.device)).double()
         columns = columns.reshape(weight.shape[0], len(removed), c, *weight.shape[2:])

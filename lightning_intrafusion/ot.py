@@ -58,12 +58,13 @@ class OTConfig:
             them like batch-normalised groups. Chosen on the benchmarks (README): the digits nets and a
             language model trained on text, where 1.2 merged too little (held-out loss up to 0.6 bits per
             byte higher at 50-70%).
-        max_cost_without_bn_compensated: the same distance where the means of removed channels are
-            compensated (``prune(calibration_data=...)``; see :meth:`resolved`): a removed channel whose mean
-            stays in the consumer's bias loses only its variation around that mean, so merging it is worth
-            less (0.9: cosine similarity above 0.6; measured with calibration data on the benchmark: plain
-            pruning's figures on the transformers, where 1.2 fell up to 2 points below them). ``None``: as
-            without compensation.
+        max_cost_without_bn_compensated: the same distance in a group whose removed channels are compensated
+            (their means with ``prune(calibration_data=..., compensation="mean")``, or without data by
+            ``gaussian_compensation``; see :meth:`for_group`): a removed channel whose mean stays in the
+            consumer's bias loses only its variation around that mean, so merging it is worth less (0.9:
+            cosine similarity above 0.6; measured with calibration data on the benchmark: plain pruning's
+            figures on the transformers, where 1.2 fell up to 2 points below them; and with
+            ``gaussian_compensation``, README). ``None``: as without compensation.
         max_cost_regressed: where removed channels are compensated by least squares (``prune(calibration_data=...,
             compensation="linear")``, the default with data; see :meth:`resolved`), every group merges a channel only
             into a kept one within this absolute distance (0.5: cosine similarity above 0.875) and leaves the rest
@@ -99,6 +100,15 @@ class OTConfig:
             directly follows a layer consuming the group by the data-free estimate of how much that
             layer's output variance changed (:func:`~lightning_intrafusion.fusion.output_variance_ratios`).
             Without it the variance shrinks layer after layer and eval-mode BNs under-normalise.
+        gaussian_compensation: without calibration data, in groups whose producers are not followed by
+            BatchNorm, what the transport plan leaves of each removed channel is merged into the kept channels'
+            consumer columns (and biases) by least squares, as ``compensation="linear"`` does with data, on the
+            moments of a data-free model of the layers' inputs: every normalisation layer outputting its affine
+            map of standard normal values (:mod:`~lightning_intrafusion.gaussian_statistics`). Such groups then
+            merge within ``max_cost_without_bn_compensated``. Measured without data on the benchmarks (README):
+            above plain pruning on both digits transformers and both language models at every sparsity, where
+            without it fusion was level with plain pruning on the transformers and GPT-2. Costs a few forward
+            passes on the example inputs' shapes (their values are never read).
         sinkhorn_reg: entropic regularisation, relative to the largest cost.
         num_iter_max: iteration cap of the solver; hitting it raises :class:`TransportError`.
     """
@@ -120,6 +130,7 @@ class OTConfig:
     consumer_merge: Merge = "sum"
     preserve_norm: bool = True
     correct_variance: bool = True
+    gaussian_compensation: bool = True
     sinkhorn_reg: float = 0.01
     num_iter_max: int = 1_000_000
 
@@ -160,6 +171,7 @@ class OTConfig:
             consumer_merge="sum",
             preserve_norm=False,
             correct_variance=False,
+            gaussian_compensation=False,
             head_max_cost=None,
             depthwise_max_cost=None,
             max_cost_without_bn=None,
@@ -168,39 +180,43 @@ class OTConfig:
         )
         return replace(base, **overrides)
 
-    def resolved(self, recalibrated: bool, compensated: bool = False, regressed: bool = False) -> "OTConfig":
+    def resolved(self, recalibrated: bool, regressed: bool = False) -> "OTConfig":
         """The configuration for one step: ``solver="auto"`` made concrete (``"sinkhorn"`` when BatchNorm
         statistics are re-estimated after the step, ``recalibrated``; ``"emd"`` otherwise; an explicit
-        solver is kept); ``depthwise_max_cost`` dropped unless ``recalibrated``; when the means of removed
-        channels are ``compensated``, ``max_cost_without_bn`` replaced by ``max_cost_without_bn_compensated``
-        (unless either is ``None``); when they are
-        ``regressed`` (linear compensation), every partial group's threshold is ``max_cost_regressed``
-        (absolute), unless that is ``None``."""
+        solver is kept); ``depthwise_max_cost`` dropped unless ``recalibrated``; when removed channels are
+        ``regressed`` (linear compensation on calibration data), every partial group's threshold is
+        ``max_cost_regressed`` (absolute), unless that is ``None``."""
         config = self
         if not recalibrated and config.depthwise_max_cost is not None:
             config = replace(config, depthwise_max_cost=None)
         near_duplicates_only = regressed and config.max_cost_regressed is not None and config.formulation == "partial"
         if config.solver == "auto":
             config = replace(config, solver="sinkhorn" if recalibrated and not near_duplicates_only else "emd")
-        if compensated and None not in (config.max_cost_without_bn, config.max_cost_without_bn_compensated):
-            config = replace(config, max_cost_without_bn=config.max_cost_without_bn_compensated)
         if near_duplicates_only:
             cost = config.max_cost_regressed
             config = replace(config, max_cost=cost, max_cost_scale="absolute", normalize_features=True,
-                             max_cost_without_bn=None if config.max_cost_without_bn is None else cost)
+                             max_cost_without_bn=None if config.max_cost_without_bn is None else cost,
+                             max_cost_without_bn_compensated=None if config.max_cost_without_bn_compensated is None else cost)
         return config
 
-    def for_group(self, heads: bool = False, batch_normalized: bool = True, depthwise: bool = False) -> "OTConfig":
+    def for_group(self, heads: bool = False, batch_normalized: bool = True, depthwise: bool = False,
+                  compensated: bool = False) -> "OTConfig":
         """The configuration applied to one group: whole heads (see ``head_max_cost``), depthwise chains
         (``depthwise_max_cost``) and, under ``"partial"``, groups without BatchNorm (see
-        ``max_cost_without_bn``) get absolute thresholds."""
+        ``max_cost_without_bn``; where the group's removed channels are ``compensated``,
+        ``max_cost_without_bn_compensated`` on producer features) get absolute thresholds."""
         near_duplicates_only = self.head_max_cost if heads else self.depthwise_max_cost if depthwise else None
         if near_duplicates_only is not None:
             return replace(self, formulation="partial", features="producer", normalize_features=True,
                            max_cost=near_duplicates_only, max_cost_scale="absolute")
-        if not batch_normalized and self.formulation == "partial" and self.max_cost_without_bn is not None:
-            return replace(self, normalize_features=True, max_cost=self.max_cost_without_bn, max_cost_scale="absolute")
-        return self
+        if batch_normalized or self.formulation != "partial" or self.max_cost_without_bn is None:
+            return self
+        if compensated and self.max_cost_without_bn_compensated is not None:
+            # what a merge would carry to the consumers the compensation carries: merged are only channels that
+            # compute nearly the same (producer features), so exact duplicates merge whatever their consumers
+            return replace(self, normalize_features=True, features="producer", max_cost_scale="absolute",
+                           max_cost=self.max_cost_without_bn_compensated)
+        return replace(self, normalize_features=True, max_cost=self.max_cost_without_bn, max_cost_scale="absolute")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

@@ -38,6 +38,7 @@ from lightning_intrafusion.fusion import (
     merge_matrices,
     output_variance_ratios,
 )
+from lightning_intrafusion.gaussian_statistics import SECOND_MOMENT_BUDGET, gaussian_input_statistics
 from lightning_intrafusion.graph import build_graph, following_batchnorm
 from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
@@ -110,6 +111,9 @@ def prune(
             predicts the others better than merging them), under ``"mean"`` groups without BatchNorm within
             ``OTConfig.max_cost_without_bn_compensated``, under ``"refit"`` nothing (the refit pulls every kept
             channel back to its own output, so ``"intrafusion"`` and ``"default"`` give the same model).
+            Without data, ``"intrafusion"`` applies ``"linear"`` (or ``"mean"``) to the groups without BatchNorm on
+            a data-free model of their consumers' inputs (``OTConfig.gaussian_compensation``, on by default;
+            :mod:`~lightning_intrafusion.gaussian_statistics`); ``"none"`` turns that off too.
         reference_widths: ``{group name: width}`` the sparsity refers to (e.g. the original widths,
             from an earlier report's ``groups``); defaults to the current widths.
         channel_blocks: ``{glob: size}`` for layers whose output channels come in indivisible blocks
@@ -135,7 +139,6 @@ def prune(
     # re-estimation, compensation of removed channels); see OTConfig.resolved
     ot_config = (ot_config or OTConfig()).resolved(
         recalibrated=calibration_data is not None and bool(tracking_batchnorms(model)),
-        compensated=calibration_data is not None and compensation != "none",
         regressed=calibration_data is not None and compensation in ("linear", "refit"))
     scorer = resolve_importance(importance)
     if needs_gradients(scorer) and gradient_fn is None:
@@ -161,6 +164,8 @@ def prune(
                 if iter(batches) is batches or compensation == "refit":  # read once, used more than once
                     batches = list(itertools.islice(batches, calibration_batches))
                 step.compensation, step.calibration = compensation, (batches, calibration_batches)
+            elif method == "intrafusion" and ot_config.gaussian_compensation and compensation in ("linear", "mean"):
+                step.compensation = compensation  # without data: on the Gaussian model of the inputs
             try:
                 group_reports, removals, skipped = step.run(model)
             except ForwardBrokenError as broken:
@@ -275,18 +280,32 @@ class _Step:
 
     def consumer_statistics(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, InputStatistics]:
         """Input statistics of the layers consuming ``groups`` on the calibration batches, with second moments
-        for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); measured once per step, on the
-        model as it is before anything is pruned."""
-        if self.calibration is None or self.compensation not in ("linear", "mean"):
+        for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); without calibration data, those of
+        the groups without BatchNorm on the Gaussian model of the inputs (``OTConfig.gaussian_compensation``).
+        Measured once per step, on the model as it is before anything is pruned."""
+        if self.compensation not in ("linear", "mean"):
             return {}
+        if self.calibration is None:
+            groups = [g for g in groups if not g.folds]
         consumers = {s.key: weight.shape[1] for g in groups for s in g.slices
                      for weight in [consumer_weight(s)] if weight is not None}
         missing = set(consumers) - set(self.statistics)
         if missing:
             second = {k for k in missing if self.compensation == "linear" and consumers[k] <= LINEAR_MAX_WIDTH}
-            self.log(f"measuring the inputs of {len(missing)} consumer layer(s) on the calibration data")
-            batches, limit = self.calibration
-            self.statistics.update(consumer_input_statistics(model, batches, limit, keys=missing, second_moments=second))
+            if self.calibration is None:
+                # a default step: the second moments (m x m each) are kept within a budget, the widest go without
+                budget, kept = SECOND_MOMENT_BUDGET, set()
+                for key in sorted(second, key=lambda k: (consumers[k], k)):
+                    if consumers[key] ** 2 <= budget:
+                        budget -= consumers[key] ** 2
+                        kept.add(key)
+                second = kept
+                self.log(f"modelling the inputs of {len(missing)} consumer layer(s) without data")
+                self.statistics.update(gaussian_input_statistics(model, self.example_inputs, missing, second))
+            else:
+                self.log(f"measuring the inputs of {len(missing)} consumer layer(s) on the calibration data")
+                batches, limit = self.calibration
+                self.statistics.update(consumer_input_statistics(model, batches, limit, keys=missing, second_moments=second))
         return {k: self.statistics[k] for k in consumers if k in self.statistics}
 
     def groups_breaking_the_forward(self, model: nn.Module) -> Dict[str, str]:
@@ -374,8 +393,10 @@ def _prune_groups(
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
+        compensated = bool(statistics) and compensation in ("linear", "mean") and any(s.key in statistics for s in group.slices)
         if _fuses(method, compensation):
-            group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise)
+            group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise,
+                                            compensated=compensated)
             transport = _expand_units(_transport(group, scores, kept, unit, group_config), unit)
         # from the consumer columns as they are before fusion
         updates, shifts = {}, {}

@@ -77,27 +77,36 @@ def test_sinkhorn_approximates_exact_transport():
     assert (entropic * cost).sum() == pytest.approx((exact * cost).sum().item(), rel=0.1)
 
 
-def test_compensated_means_tighten_the_threshold_of_groups_without_batchnorm():
-    assert OTConfig().resolved(recalibrated=False).max_cost_without_bn == 1.3
-    assert OTConfig().resolved(recalibrated=False, compensated=True).max_cost_without_bn == 0.9
-    assert OTConfig(max_cost_without_bn_compensated=None).resolved(False, compensated=True).max_cost_without_bn == 1.3
-    assert OTConfig(max_cost_without_bn=None).resolved(False, compensated=True).max_cost_without_bn is None
-    # linear compensation: near-duplicates only, in every group, with exact plans
-    regressed = OTConfig().resolved(True, compensated=True, regressed=True)
-    assert (regressed.max_cost, regressed.max_cost_scale, regressed.max_cost_without_bn, regressed.solver) == (0.5, "absolute", 0.5, "emd")
-    assert OTConfig().for_group(batch_normalized=True).resolved(True, True, True).max_cost == 0.5
+def test_compensated_groups_without_batchnorm_merge_only_channels_computing_nearly_the_same():
+    def threshold(config, **kwargs):
+        group = config.for_group(batch_normalized=False, **kwargs)
+        return group.max_cost, group.max_cost_scale, group.features
+
+    assert threshold(OTConfig()) == (1.3, "absolute", "all")
+    assert threshold(OTConfig(), compensated=True) == (0.9, "absolute", "producer")
+    assert threshold(OTConfig(max_cost_without_bn_compensated=None), compensated=True) == (1.3, "absolute", "all")
+    assert OTConfig(max_cost_without_bn=None).for_group(batch_normalized=False, compensated=True) == OTConfig(max_cost_without_bn=None)
+    assert OTConfig().for_group(batch_normalized=True, compensated=True) == OTConfig()
+    assert threshold(OTConfig(), heads=True, compensated=True) == (0.5, "absolute", "producer")  # the heads' rule
+    # linear compensation on calibration data: near-duplicates only, in every group, with exact plans
+    regressed = OTConfig().resolved(True, regressed=True)
+    assert (regressed.max_cost, regressed.max_cost_scale, regressed.solver) == (0.5, "absolute", "emd")
+    assert threshold(regressed)[0] == threshold(regressed, compensated=True)[0] == 0.5
+    assert OTConfig().for_group(batch_normalized=True).resolved(True, True).max_cost == 0.5
     balanced = OTConfig(formulation="balanced")  # merges everything: Sinkhorn after re-estimation, as without regression
-    assert balanced.resolved(True, True, True) == balanced.resolved(True, True) and balanced.resolved(True, True, True).solver == "sinkhorn"
+    assert balanced.resolved(True, True) == balanced.resolved(True) and balanced.resolved(True, True).solver == "sinkhorn"
+    assert balanced.for_group(batch_normalized=False, compensated=True) == balanced
     unlimited = OTConfig(max_cost_regressed=None)
-    assert unlimited.resolved(True, True, True) == unlimited.resolved(True, True)  # merges as with mean compensation
+    assert unlimited.resolved(True, True) == unlimited.resolved(True)  # merges as with mean compensation
     paper = OTConfig.paper()
-    assert paper.resolved(True, compensated=True) == replace(paper, solver="emd") == paper
+    assert not paper.gaussian_compensation
+    assert paper.resolved(True, regressed=True) == replace(paper, solver="emd") == paper
     with pytest.raises(ValueError, match="max_cost_without_bn_compensated"):
         OTConfig(max_cost_without_bn_compensated=0.0)
 
 
 def test_depthwise_rule_applies_only_where_statistics_are_re_estimated():
-    assert OTConfig().resolved(recalibrated=True, compensated=True).depthwise_max_cost == 0.5
+    assert OTConfig().resolved(recalibrated=True, regressed=True).depthwise_max_cost == 0.5
     assert OTConfig().resolved(recalibrated=False).depthwise_max_cost is None
 
 
