@@ -251,24 +251,30 @@ def tied_width(models, test, example, calibration) -> None:
 
 
 SWEEP = (1.0, 1.1, 1.2, 1.3, 1.4, None)  # OTConfig.max_cost_without_bn (None: like BatchNorm groups)
+SWEEP_COMPENSATED = (0.5, 0.7, 0.9, 1.1, 1.3)  # OTConfig.max_cost_without_bn_compensated
 
 
 def sweep(models, test, example, scope) -> None:
-    """Intra-Fusion (our defaults) without data with ``max_cost_without_bn`` varied: how far apart an MLP
-    neuron may be from a kept one and still be merged into it (heads have their own threshold)."""
-    print("\nSweep of OTConfig.max_cost_without_bn without data (bits per byte, mean over the models; "
-          "in brackets: share of removed channels merged)\n")
-    print("| groups | sparsity | default | " + " | ".join(f"{c}" for c in SWEEP) + " |")
-    print("|---|---|---|" + "---|" * len(SWEEP))
-    for scope_name in ("MLP + heads", "MLP only"):
-        for s in SPARSITIES:
-            plain = [run_cell(m, s, test, example, scope[scope_name], METHODS["default"], {})[0] for m in models]
-            cells = []
-            for c in SWEEP:
-                runs = [run_cell(m, s, test, example, scope[scope_name], dict(ot_config=OTConfig(max_cost_without_bn=c)), {})
-                        for m in models]
-                cells.append(f"{sum(v for v, _ in runs) / len(runs):.3f} ({merged_share([r for _, r in runs])})")
-            print(f"| {scope_name} | {s:.0%} | {sum(plain) / len(plain):.3f} | " + " | ".join(cells) + " |", flush=True)
+    """Intra-Fusion without data with the distance within which a neuron is merged into a kept one varied:
+    ``max_cost_without_bn`` without the Gaussian compensation, ``max_cost_without_bn_compensated`` with it (our
+    defaults); heads have their own threshold."""
+    for field, values, fixed in (("max_cost_without_bn", SWEEP, {"gaussian_compensation": False}),
+                                 ("max_cost_without_bn_compensated", SWEEP_COMPENSATED, {})):
+        settings = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "our defaults"
+        print(f"\nSweep of OTConfig.{field} without data ({settings}; bits per byte, mean over the models; "
+              "in brackets: share of removed channels merged)\n")
+        print("| groups | sparsity | default | " + " | ".join(f"{c}" for c in values) + " |")
+        print("|---|---|---|" + "---|" * len(values))
+        for scope_name in ("MLP + heads", "MLP only"):
+            for s in SPARSITIES:
+                plain = [run_cell(m, s, test, example, scope[scope_name], METHODS["default"], {})[0] for m in models]
+                cells = []
+                for c in values:
+                    config = OTConfig(**fixed, **{field: c})
+                    runs = [run_cell(m, s, test, example, scope[scope_name], dict(ot_config=config), {}) for m in models]
+                    cells.append(f"{sum(v for v, _ in runs) / len(runs):.3f} ({merged_share([r for _, r in runs])})")
+                print(f"| {scope_name} | {s:.0%} | {sum(plain) / len(plain):.3f} | " + " | ".join(cells) + " |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ compensation, for every method alike) and with synthetic BN recalibration; no fi
 
     python benchmarks/oneshot.py            # full table (trains and caches 10 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost (the BatchNorm groups' discard cost)
-    python benchmarks/oneshot.py --sweep-without-bn   # also sweep OTConfig.max_cost_without_bn (groups without BN)
+    python benchmarks/oneshot.py --sweep-without-bn   # also sweep the distances of groups without BN
+                                                      # (max_cost_without_bn, max_cost_without_bn_compensated)
     python benchmarks/oneshot.py --parts    # also prune the transformers' MLP neurons and heads separately
     python benchmarks/oneshot.py --extra    # also MobileNetV2-style nets (with and without SE gates), and the
                                             # depthwise rule on them with re-estimated BN statistics
     python benchmarks/oneshot.py --ablations   # each OTConfig choice of our defaults against its alternative
     python benchmarks/oneshot.py --refit    # also calibration with the layer-wise refit (compensation="refit")
+    python benchmarks/oneshot.py --timing-only   # only the seconds of one step on a ResNet-18 and a ViT-B-width net
 """
 
 from __future__ import annotations
@@ -145,10 +147,16 @@ def main() -> None:
     parser.add_argument("--refit", action="store_true", help="also calibration with the layer-wise refit")
     parser.add_argument("--max-cost", type=float, default=OTConfig().max_cost)
     parser.add_argument("--no-timing", action="store_true")
+    parser.add_argument("--timing-only", action="store_true", help="only the timing block (ResNet-18, ViT-B-width transformer)")
     args = parser.parse_args()
     if args.extra:
         MODELS.update(EXTRA)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.timing_only:
+        print(f"command: python benchmarks/oneshot.py {' '.join(sys.argv[1:])}".rstrip())
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+        timing()
+        return
     train_set, test_set = digits_tensors()
     seeds = range(args.seeds)
     print(f"command: python benchmarks/oneshot.py {' '.join(sys.argv[1:])}".rstrip())
@@ -258,6 +266,7 @@ ABLATIONS = {
     "formulation: balanced (the release)": {"formulation": "balanced"},
     "solver: Sinkhorn also without data": {"solver": "sinkhorn"},
     "with linear compensation: merge as with mean compensation (no near-duplicate limit)": {"max_cost_regressed": None},
+    "without data: no Gaussian compensation (groups without BN merged by OT alone)": {"gaussian_compensation": False},
 }
 
 # --ablations: prune() settings other than OTConfig, changed one at a time
@@ -338,29 +347,35 @@ def sweep(train_set, test_set, seeds) -> None:
                 print(f"| {name} | {s:.0%} | {data} | " + " | ".join(cells) + " |")
 
 
-# --sweep-without-bn: the absolute discard distance of groups without BatchNorm (None: like BatchNorm groups)
+# --sweep-without-bn: the absolute discard distance of groups without BatchNorm (None: like BatchNorm groups),
+# without the Gaussian compensation; and with it (the default), the distance of such compensated groups
 SWEEP_WITHOUT_BN = (1.0, 1.1, 1.2, 1.3, 1.4, None)
+SWEEP_COMPENSATED = (0.5, 0.7, 0.9, 1.1, 1.3)
 
 
 def sweep_without_bn(train_set, test_set, seeds) -> None:
-    """Mean accuracy without data of our defaults with ``max_cost_without_bn`` varied, next to plain pruning,
-    on the issue's architectures that have groups without BatchNorm (the transformers' MLP neurons, VGG's
-    hidden classifier layer; the ResNet has none), and the paired difference to plain pruning."""
-    print(f"\nSweep of OTConfig.max_cost_without_bn without data (mean accuracy over {len(seeds)} models; "
-          "in brackets: paired difference to plain pruning)\n")
-    print("| model | sparsity | default | " + " | ".join(f"{c}" for c in SWEEP_WITHOUT_BN) + " |")
-    print("|---|---|---|" + "---|" * len(SWEEP_WITHOUT_BN))
-    for name in [n for n in MODELS if n not in EXTRA and n != "resnet"]:
-        models = [trained(name, seed) for seed in seeds]
-        for s in SPARSITIES:
-            plain = [run_cell(m, name, s, dict(method="default"), train_set, test_set, False)[0] for m in models]
-            cells = []
-            for c in SWEEP_WITHOUT_BN:
-                accs = [run_cell(m, name, s, dict(ot_config=OTConfig(max_cost_without_bn=c)), train_set, test_set, False)[0]
-                        for m in models]
-                d = torch.tensor(accs) - torch.tensor(plain)
-                cells.append(f"{_mean(accs):.1f} ({d.mean():+.1f})")
-            print(f"| {name} | {s:.0%} | {_mean(plain):.1f} | " + " | ".join(cells) + " |", flush=True)
+    """Mean accuracy without data, next to plain pruning, on the issue's architectures that have groups without
+    BatchNorm (the transformers' MLP neurons and heads, VGG's hidden classifier layer; the ResNet has none), and
+    the paired difference to plain pruning: ``max_cost_without_bn`` varied with ``gaussian_compensation=False``,
+    and ``max_cost_without_bn_compensated`` varied under our defaults (Gaussian compensation on)."""
+    for field, values, fixed in (("max_cost_without_bn", SWEEP_WITHOUT_BN, {"gaussian_compensation": False}),
+                                 ("max_cost_without_bn_compensated", SWEEP_COMPENSATED, {})):
+        settings = ", ".join(f"{k}={v}" for k, v in fixed.items()) or "our defaults"
+        print(f"\nSweep of OTConfig.{field} without data ({settings}; mean accuracy over {len(seeds)} models; "
+              "in brackets: paired difference to plain pruning)\n")
+        print("| model | sparsity | default | " + " | ".join(f"{c}" for c in values) + " |")
+        print("|---|---|---|" + "---|" * len(values))
+        for name in [n for n in MODELS if n not in EXTRA and n != "resnet"]:
+            models = [trained(name, seed) for seed in seeds]
+            for s in SPARSITIES:
+                plain = [run_cell(m, name, s, dict(method="default"), train_set, test_set, False)[0] for m in models]
+                cells = []
+                for c in values:
+                    config = OTConfig(**fixed, **{field: c})
+                    accs = [run_cell(m, name, s, dict(ot_config=config), train_set, test_set, False)[0] for m in models]
+                    d = torch.tensor(accs) - torch.tensor(plain)
+                    cells.append(f"{_mean(accs):.1f} ({d.mean():+.1f})")
+                print(f"| {name} | {s:.0%} | {_mean(plain):.1f} | " + " | ".join(cells) + " |", flush=True)
 
 
 def refit(train_set, test_set, seeds, results) -> None:

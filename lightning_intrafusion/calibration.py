@@ -5,7 +5,7 @@ Forward passes only; no weight is trained."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -125,10 +125,14 @@ def observe_batches(model: nn.Module, batches: Iterable[Any], max_batches: Optio
             handle.remove()
 
 
+PRODUCT_ROWS = 2048  # rows (samples, pixels, tokens) gathered before they are multiplied into ChannelMoments.products
+
+
 class ChannelMoments:
     """Running per-channel sums of a stream of tensors whose channels lie along ``dim`` (``(N, C, ...)``
     by default), in double precision; with ``cross=True`` also the sums of products of every channel pair
-    (for :meth:`second_moment`: ``C x C`` memory)."""
+    (for :meth:`second_moment`: ``C x C`` memory), taken over :data:`PRODUCT_ROWS` rows at a time, so that a
+    wide layer seen in many small batches does not add up a full ``C x C`` matrix per batch."""
 
     def __init__(self, dim: int = 1, cross: bool = False) -> None:
         self.dim = dim
@@ -137,6 +141,8 @@ class ChannelMoments:
         self.squares: Any = 0.0
         self.products: Any = 0.0
         self.count = 0
+        self._pending: List[torch.Tensor] = []  # rows not yet in ``products``
+        self._pending_rows = 0
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().double().movedim(self.dim, 0)
@@ -144,8 +150,17 @@ class ChannelMoments:
         self.total = self.total + x.sum(1)
         self.squares = self.squares + x.pow(2).sum(1)
         if self.cross:
-            self.products = self.products + x @ x.T
+            self._pending.append(x)
+            self._pending_rows += x.shape[1]
+            if self._pending_rows >= PRODUCT_ROWS:
+                self._add_pending_products()
         self.count += x.shape[1]
+
+    def _add_pending_products(self) -> None:
+        if self._pending:
+            rows = torch.cat(self._pending, 1)
+            self._pending, self._pending_rows = [], 0
+            self.products = self.products + rows @ rows.T
 
     def mean(self) -> torch.Tensor:
         """Per-channel mean."""
@@ -160,4 +175,5 @@ class ChannelMoments:
         """``E[x x^T]`` over all positions, ``(C, C)`` (needs ``cross=True``)."""
         if not self.cross:
             raise RuntimeError("ChannelMoments(cross=False) keeps no products of channel pairs")
+        self._add_pending_products()
         return self.products / self.count

@@ -112,7 +112,7 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=key, cross=cross: add(key, args[0] if args else None, 1, cross)))
     observe_batches(model, batches, max_batches, "calibration_data", hooks)
     for key, m in moments.items():
-        if not (torch.isfinite(m.total).all() and (not m.cross or torch.isfinite(m.products).all())):
+        if not (torch.isfinite(m.total).all() and (not m.cross or torch.isfinite(m.second_moment()).all())):
             layer = key[: -len(".output")] if key.endswith(".output") else key[: -len(".weight")]
             raise ValueError(f"calibration_data gave non-finite (NaN or inf) inputs to layer {layer!r}: check the "
                              "batches, or the model's outputs on them")

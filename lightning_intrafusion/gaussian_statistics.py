@@ -89,10 +89,11 @@ def _same(a: Tensor, b: Tensor) -> bool:
 
 def _standard_output(generator: torch.Generator):
     """A forward hook replacing a norm's output by the norm applied to inputs it standardises into standard
-    normal values (drawn from ``generator``, on the CPU so that every device draws the same)."""
+    normal values (drawn from ``generator``, on the CPU so that every device draws the same). A norm called
+    with anything but its one input (a gate, keywords) is left as it is."""
 
     def hook(module: nn.Module, args: Any, output: Any) -> Any:
-        if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
+        if len(args) != 1 or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             return None
         x = args[0]
         z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)

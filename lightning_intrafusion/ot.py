@@ -101,7 +101,8 @@ class OTConfig:
             layer's output variance changed (:func:`~lightning_intrafusion.fusion.output_variance_ratios`).
             Without it the variance shrinks layer after layer and eval-mode BNs under-normalise.
         gaussian_compensation: without calibration data, in groups whose producers are not followed by
-            BatchNorm, what the transport plan leaves of each removed channel is merged into the kept channels'
+            BatchNorm and whose channels pass through no norm (MLP neurons and heads, not a residual stream's
+            width, whose modelled channels would be independent), what the transport plan leaves of each removed channel is merged into the kept channels'
             consumer columns (and biases) by least squares, as ``compensation="linear"`` does with data, on the
             moments of a data-free model of the layers' inputs: every normalisation layer outputting its affine
             map of standard normal values (:mod:`~lightning_intrafusion.gaussian_statistics`). Such groups then

@@ -38,7 +38,7 @@ from lightning_intrafusion.fusion import (
     merge_matrices,
     output_variance_ratios,
 )
-from lightning_intrafusion.gaussian_statistics import SECOND_MOMENT_BUDGET, gaussian_input_statistics
+from lightning_intrafusion.gaussian_statistics import SECOND_MOMENT_BUDGET, gaussian_input_statistics, is_norm
 from lightning_intrafusion.graph import build_graph, following_batchnorm
 from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
@@ -281,12 +281,13 @@ class _Step:
     def consumer_statistics(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, InputStatistics]:
         """Input statistics of the layers consuming ``groups`` on the calibration batches, with second moments
         for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); without calibration data, those of
-        the groups without BatchNorm on the Gaussian model of the inputs (``OTConfig.gaussian_compensation``).
-        Measured once per step, on the model as it is before anything is pruned."""
+        the groups without BatchNorm on the Gaussian model of the inputs (``OTConfig.gaussian_compensation``),
+        except groups whose channels pass through a norm (a residual stream's width): the model draws those
+        channels independently, so it could not predict one from the others. Measured once per step, on the model as it is before anything is pruned."""
         if self.compensation not in ("linear", "mean"):
             return {}
         if self.calibration is None:
-            groups = [g for g in groups if not g.folds]
+            groups = [g for g in groups if not g.folds and not any(is_norm(m) for m, _ in g.targets.values())]
         consumers = {s.key: weight.shape[1] for g in groups for s in g.slices
                      for weight in [consumer_weight(s)] if weight is not None}
         missing = set(consumers) - set(self.statistics)

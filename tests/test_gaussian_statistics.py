@@ -149,3 +149,22 @@ def test_no_data_free_compensation_where_compensation_is_off_or_needs_data(compe
     prune(asked, example, 0.5, compensation=compensation)
     prune(off, example, 0.5, ot_config=OTConfig(gaussian_compensation=False))
     assert_same_state(state(asked), state(off))
+
+
+def test_a_width_that_passes_through_norms_is_not_compensated_on_modelled_inputs():
+    """A residual stream's channels are the norms' own channels: modelled as independent, none predicts another,
+    so such a group (here GPT-2's hidden width) is fused as without the compensation."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    model = transformers.GPT2LMHeadModel(config).eval()
+    inputs = {"input_ids": torch.randint(0, 50, (2, 8)), "use_cache": False}
+    ours, without = copy.deepcopy(model), copy.deepcopy(model)
+    prune(ours, inputs, 0.25, include=["transformer.wte"])
+    prune(without, inputs, 0.25, include=["transformer.wte"], ot_config=OTConfig(gaussian_compensation=False))
+    assert_same_state(state(ours), state(without))
+    mlp, mlp_without = copy.deepcopy(model), copy.deepcopy(model)  # its MLP neurons are compensated
+    prune(mlp, inputs, 0.25, include=["*.mlp.c_fc"])
+    prune(mlp_without, inputs, 0.25, include=["*.mlp.c_fc"], ot_config=OTConfig(gaussian_compensation=False))
+    assert not torch.equal(mlp.transformer.h[0].mlp.c_proj.weight, mlp_without.transformer.h[0].mlp.c_proj.weight)
