@@ -59,13 +59,14 @@ class IntraFusionCallback(Callback):
             (see :meth:`OTConfig.resolved`).
         compensation: how the contribution of removed channels is kept, as in :func:`prune`: ``"refit"``,
             ``"linear"``, ``"mean"`` or ``"none"`` (default here, also for data-free steps, which otherwise
-            compensate on modelled inputs, ``OTConfig.gaussian_compensation``; ``prune()`` defaults to ``"linear"``).
-            With ``recalibrate_batches`` on those batches. Measured during training (``benchmarks/during_training.py``): linear compensation
-            lifts accuracy right after events (VGG: up to +4.1 points) but the transformer ended 1.8-2.2 points
-            lower after training on, and mean compensation cost it 8-12 points right after two events: a repair
-            fitted to a network far from converged is a poor guide for what training does next. ``"refit"`` was
-            the best on the VGG after every event and at the end, but ended the transformer 1.5-2.2 points lower,
-            and keeps the pruned layers' outputs on the recent batches in memory.
+            compensate on modelled inputs, ``OTConfig.gaussian_compensation``; ``prune()`` defaults to
+            ``"linear"``). With ``recalibrate_batches``, on those batches. Measured during training
+            (``benchmarks/during_training.py``): linear compensation lifts accuracy right after events (VGG: up to
+            +4.1 points) but the transformer ended 1.8-2.2 points lower after training on, and mean compensation
+            cost it 8-12 points right after two events: a repair fitted to a network far from converged is a poor
+            guide for what training does next. ``"refit"`` was the best on the VGG after every event and at the end,
+            but ended the transformer 1.5-2.2 points lower, and keeps the pruned layers' outputs on the recent
+            batches in memory.
         metric: a torchmetrics metric for the evaluations (default: top-1 multiclass accuracy; the
             number of classes is read from the model's output).
         evaluate: measure the metric around each event (needs validation data).

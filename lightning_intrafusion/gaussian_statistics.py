@@ -19,6 +19,7 @@ except in tensors of at most two values, such as masks) must give it identical i
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import replace
 from typing import Any, Collection, Dict, List
 
@@ -30,9 +31,9 @@ from lightning_intrafusion.compensation import InputStatistics, consumer_input_s
 SAMPLES = 4096  # input rows (tokens, pixels) per layer to aim for
 MAX_PASSES = 64  # forward passes at most
 # ridge of the least squares on modelled moments (relative, as compensation.RIDGE for measured ones): the model
-# is only a model, so predictions shrink toward the mean repair. Measured without data (README): 0.1 against
-# 1e-3 within 0.4 points on the digits transformers (above it in 5 of 6 cells) and within 0.02 bits per byte
-# on the language models (at or below it in 5 of 6 cells).
+# is only a model, so predictions shrink toward the mean repair. Exploratory runs without data (README): 0.1
+# above 1e-3 on the digits transformers in all 6 cells (by 0.1-0.4 points; 0.3 and 1 no better overall) and
+# within 0.02 bits per byte on the language models (at or below it in 5 of 6 cells).
 RIDGE = 0.1
 SECOND_MOMENT_BUDGET = 2 ** 27  # values of E[x x^T] kept at once in a data-free step (1 GiB in double precision)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
@@ -55,7 +56,8 @@ def gaussian_input_statistics(model: nn.Module, example_inputs: Any, keys: Colle
     ``second_moments``) under standard normal norm outputs, over enough passes on ``example_inputs``' shapes for
     ``samples`` input rows per layer (at most ``max_passes``). Layers whose inputs depend on the example inputs'
     values are left out. Deterministic for a given ``seed``; the model's parameters and modes are left as they
-    were."""
+    were. A model whose forward rejects the modelled inputs (e.g. one that counts end-of-sequence tokens among
+    the ids) gets no statistics, with a warning."""
     keys = set(keys)
     norms = [module for module in model.modules() if is_norm(module)]
     if not keys or not norms:
@@ -63,23 +65,35 @@ def gaussian_input_statistics(model: nn.Module, example_inputs: Any, keys: Colle
     drawn, noise = torch.Generator(), torch.Generator().manual_seed(seed)  # norm outputs, input noise
     hooks = [norm.register_forward_hook(_standard_output(drawn)) for norm in norms]
     try:
-        drawn.manual_seed(seed)
-        first = consumer_input_statistics(model, [_noised(example_inputs, noise, shift=False)], keys=keys)
-        drawn.manual_seed(seed)  # the same norm outputs, other inputs
-        second = consumer_input_statistics(model, [_noised(example_inputs, noise, shift=True)], keys=keys)
-        independent = {key for key, stats in first.items() if key in second and _same(stats.mean, second[key].mean)}
-        if not independent:
-            return {}
-        rows = min(first[key].samples for key in independent)
-        passes = max(1, min(max_passes, math.ceil(samples / max(rows, 1))))
-        drawn.manual_seed(seed + 1)
-        batches = (_noised(example_inputs, noise, shift=False) for _ in range(passes))
-        measured = consumer_input_statistics(model, batches, keys=independent,
-                                             second_moments=set(second_moments) & independent)
-        return {key: replace(stats, ridge=RIDGE) for key, stats in measured.items()}
+        return _modelled_statistics(model, example_inputs, keys, second_moments, samples, max_passes, seed, drawn, noise)
+    except Exception as error:  # the model checks its inputs: nothing to model, the step goes on without it
+        # (stacklevel: the caller of prune(), through consumer_statistics and _Step.run)
+        warnings.warn(f"no data-free compensation (OTConfig.gaussian_compensation): the model rejected modelled "
+                      f"inputs ({type(error).__name__}: {error})", stacklevel=6)
+        return {}
     finally:
         for handle in hooks:
             handle.remove()
+
+
+def _modelled_statistics(model: nn.Module, example_inputs: Any, keys: Collection[str], second_moments: Collection[str],
+                         samples: int, max_passes: int, seed: int, drawn: torch.Generator,
+                         noise: torch.Generator) -> Dict[str, InputStatistics]:
+    """The passes of :func:`gaussian_input_statistics` (its norms' hooks draw from ``drawn``)."""
+    drawn.manual_seed(seed)
+    first = consumer_input_statistics(model, [_noised(example_inputs, noise, shift=False)], keys=keys)
+    drawn.manual_seed(seed)  # the same norm outputs, other inputs
+    second = consumer_input_statistics(model, [_noised(example_inputs, noise, shift=True)], keys=keys)
+    independent = {key for key, stats in first.items() if key in second and _same(stats.mean, second[key].mean)}
+    if not independent:
+        return {}
+    rows = min(first[key].samples for key in independent)
+    passes = max(1, min(max_passes, math.ceil(samples / max(rows, 1))))
+    drawn.manual_seed(seed + 1)
+    batches = (_noised(example_inputs, noise, shift=False) for _ in range(passes))
+    measured = consumer_input_statistics(model, batches, keys=independent,
+                                         second_moments=set(second_moments) & independent)
+    return {key: replace(stats, ridge=RIDGE) for key, stats in measured.items()}
 
 
 def _same(a: Tensor, b: Tensor) -> bool:

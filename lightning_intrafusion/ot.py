@@ -102,11 +102,12 @@ class OTConfig:
             Without it the variance shrinks layer after layer and eval-mode BNs under-normalise.
         gaussian_compensation: without calibration data, in groups whose producers are not followed by
             BatchNorm and whose channels pass through no norm (MLP neurons and heads, not a residual stream's
-            width, whose modelled channels would be independent), what the transport plan leaves of each removed channel is merged into the kept channels'
-            consumer columns (and biases) by least squares, as ``compensation="linear"`` does with data, on the
-            moments of a data-free model of the layers' inputs: every normalisation layer outputting its affine
-            map of standard normal values (:mod:`~lightning_intrafusion.gaussian_statistics`). Such groups then
-            merge within ``max_cost_without_bn_compensated``. Measured without data on the benchmarks (README):
+            width, whose modelled channels would be independent), what the transport plan leaves of each
+            removed channel is merged into the kept channels' consumer columns (and biases) by least squares,
+            as ``compensation="linear"`` does with data, on the moments of a data-free model of the layers'
+            inputs: every normalisation layer outputting its affine map of standard normal values
+            (:mod:`~lightning_intrafusion.gaussian_statistics`). Such groups then merge within
+            ``max_cost_without_bn_compensated``. Measured without data on the benchmarks (README):
             above plain pruning on both digits transformers and both language models at every sparsity, where
             without it fusion was level with plain pruning on the transformers and GPT-2. Costs a few forward
             passes on the example inputs' shapes (their values are never read).

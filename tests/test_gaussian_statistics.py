@@ -168,3 +168,32 @@ def test_a_width_that_passes_through_norms_is_not_compensated_on_modelled_inputs
     prune(mlp, inputs, 0.25, include=["*.mlp.c_fc"])
     prune(mlp_without, inputs, 0.25, include=["*.mlp.c_fc"], ot_config=OTConfig(gaussian_compensation=False))
     assert not torch.equal(mlp.transformer.h[0].mlp.c_proj.weight, mlp_without.transformer.h[0].mlp.c_proj.weight)
+
+
+class _OneEndTokenPerRow(nn.Module):
+    """Rejects ids with other than one end token (id 1) per row, as Hugging Face's BART classifier does."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 16)
+        self.norm = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 4)
+
+    def forward(self, ids):
+        if not bool(((ids == 1).sum(1) == 1).all()):
+            raise ValueError("All examples must have the same number of <eos> tokens.")
+        return self.fc2(torch.relu(self.fc1(self.norm(self.embed(ids))))).mean(1)
+
+
+def test_a_model_rejecting_modelled_inputs_is_pruned_without_the_compensation_and_a_warning():
+    torch.manual_seed(0)
+    model = _OneEndTokenPerRow().eval()
+    ids = torch.tensor([[2, 3, 4, 1], [5, 2, 3, 1]])
+    with pytest.warns(UserWarning, match="rejected modelled inputs"):
+        assert gaussian_input_statistics(model, ids, {"fc2.weight"}) == {}
+    ours, without = copy.deepcopy(model), copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="rejected modelled inputs"):
+        prune(ours, ids, 0.5)
+    prune(without, ids, 0.5, ot_config=OTConfig(gaussian_compensation=False))
+    assert_same_state(state(ours), state(without))
