@@ -132,11 +132,14 @@ class ChannelMoments:
     """Running per-channel sums of a stream of tensors whose channels lie along ``dim`` (``(N, C, ...)``
     by default), in double precision; with ``cross=True`` also the sums of products of every channel pair
     (for :meth:`second_moment`: ``C x C`` memory), taken over :data:`PRODUCT_ROWS` rows at a time, so that a
-    wide layer seen in many small batches does not add up a full ``C x C`` matrix per batch."""
+    wide layer seen in many small batches does not add up a full ``C x C`` matrix per batch; each such product
+    is computed in ``product_dtype`` (single precision: about twice as fast, for moments that are modelled
+    anyway) and summed in double precision."""
 
-    def __init__(self, dim: int = 1, cross: bool = False) -> None:
+    def __init__(self, dim: int = 1, cross: bool = False, product_dtype: torch.dtype = torch.float64) -> None:
         self.dim = dim
         self.cross = cross
+        self.product_dtype = product_dtype
         self.total: Any = 0.0
         self.squares: Any = 0.0
         self.products: Any = 0.0
@@ -158,9 +161,9 @@ class ChannelMoments:
 
     def _add_pending_products(self) -> None:
         if self._pending:
-            rows = torch.cat(self._pending, 1)
+            rows = torch.cat(self._pending, 1).to(self.product_dtype)
             self._pending, self._pending_rows = [], 0
-            self.products = self.products + rows @ rows.T
+            self.products = self.products + (rows @ rows.T).double()
 
     def mean(self) -> torch.Tensor:
         """Per-channel mean."""

@@ -71,9 +71,11 @@ def output_inverse(projection: nn.Linear) -> Optional[Tensor]:
 @torch.no_grad()
 def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int] = None,
                               keys: Optional[Collection[str]] = None,
-                              second_moments: Collection[str] = ()) -> Dict[str, InputStatistics]:
+                              second_moments: Collection[str] = (),
+                              product_dtype: torch.dtype = torch.float64) -> Dict[str, InputStatistics]:
     """Input statistics of the layers whose weight keys (``"blocks.0.fc2.weight"``) are in ``keys`` (default:
-    every layer with a bias), with ``E[x x^T]`` for those in ``second_moments``. Linear layers (channels along
+    every layer with a bias), with ``E[x x^T]`` for those in ``second_moments`` (its products computed in
+    ``product_dtype``, see :class:`~lightning_intrafusion.calibration.ChannelMoments`). Linear layers (channels along
     the last dim; also Hugging Face's ``Conv1D``), convolutions (dim 1; grouped ones never get second moments) and
     the output projection
     of ``nn.MultiheadAttention``, which the module applies without calling it: its input statistics follow
@@ -84,7 +86,7 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
 
     def add(key: str, values: Any, dim: int, cross: bool) -> None:
         if isinstance(values, Tensor) and values.dim() > 0:
-            moments.setdefault(key, ChannelMoments(dim, cross)).add(values)
+            moments.setdefault(key, ChannelMoments(dim, cross, product_dtype)).add(values)
 
     def wanted(key: str, layer: nn.Module) -> bool:
         return key in keys if keys is not None else getattr(layer, "bias", None) is not None

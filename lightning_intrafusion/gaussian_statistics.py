@@ -91,8 +91,8 @@ def _modelled_statistics(model: nn.Module, example_inputs: Any, keys: Collection
     passes = max(1, min(max_passes, math.ceil(samples / max(rows, 1))))
     drawn.manual_seed(seed + 1)
     batches = (_noised(example_inputs, noise, shift=False) for _ in range(passes))
-    measured = consumer_input_statistics(model, batches, keys=independent,
-                                         second_moments=set(second_moments) & independent)
+    measured = consumer_input_statistics(model, batches, keys=independent, second_moments=set(second_moments) & independent,
+                                         product_dtype=torch.float32)
     return {key: replace(stats, ridge=RIDGE) for key, stats in measured.items()}
 
 
