@@ -113,12 +113,14 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
             cross = key in second_moments and module.groups == 1
             hooks.append(module.register_forward_pre_hook(lambda m, args, key=key, cross=cross: add(key, args[0] if args else None, 1, cross)))
     observe_batches(model, batches, max_batches, "calibration_data", hooks)
-    for key, m in moments.items():
-        if not (torch.isfinite(m.total).all() and (not m.cross or torch.isfinite(m.second_moment()).all())):
+    # (mean, E[x x^T] or None) per key, each computed once
+    computed = {key: (m.mean(), m.second_moment() if m.cross else None) for key, m in moments.items()}
+    for key, (mean, second) in computed.items():
+        if not (torch.isfinite(mean).all() and (second is None or torch.isfinite(second).all())):
             layer = key[: -len(".output")] if key.endswith(".output") else key[: -len(".weight")]
             raise ValueError(f"calibration_data gave non-finite (NaN or inf) inputs to layer {layer!r}: check the "
                              "batches, or the model's outputs on them")
-    stats = {key: InputStatistics(m.mean(), m.second_moment() if m.cross else None, has_bias[key], m.count)
+    stats = {key: InputStatistics(*computed[key], has_bias[key], m.count)
              for key, m in moments.items() if not key.endswith(".output")}
     for key, module in attention_outputs.items():
         seen = moments.get(key + ".output")
@@ -127,11 +129,12 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
         inverse = output_inverse(module.out_proj)
         if inverse is None:
             continue
-        bias = module.out_proj.bias.detach().double() if has_bias[key] else torch.zeros_like(seen.mean())
-        mean = inverse @ (seen.mean() - bias)
+        seen_mean, seen_second = computed[key + ".output"]
+        bias = module.out_proj.bias.detach().double() if has_bias[key] else torch.zeros_like(seen_mean)
+        mean = inverse @ (seen_mean - bias)
         second = None
-        if seen.cross:  # E[(y - b)(y - b)^T] mapped back
-            centred = seen.second_moment() - torch.outer(seen.mean(), bias) - torch.outer(bias, seen.mean()) + torch.outer(bias, bias)
+        if seen_second is not None:  # E[(y - b)(y - b)^T] mapped back
+            centred = seen_second - torch.outer(seen_mean, bias) - torch.outer(bias, seen_mean) + torch.outer(bias, bias)
             second = inverse @ centred @ inverse.T
         stats[key] = InputStatistics(mean, second, has_bias[key], seen.count)
     return stats

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
-from typing import Any, Collection, Dict, List
+from typing import Any, Collection, Dict, List, Mapping, Optional, Set
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,19 @@ def _modelled_statistics(model: nn.Module, example_inputs: Any, keys: Collection
     return {key: replace(stats, ridge=RIDGE) for key, stats in measured.items()}
 
 
+def within_budget(widths: Mapping[str, int], budget: Optional[int] = None) -> Set[str]:
+    """The layers (keyed, with their input widths ``m``) whose ``m x m`` second moments fit in ``budget`` values
+    (default :data:`SECOND_MOMENT_BUDGET`) together, narrowest first: a data-free step is a default one, so its
+    memory is bounded; the widest layers get the mean repair only."""
+    budget = SECOND_MOMENT_BUDGET if budget is None else budget
+    kept: Set[str] = set()
+    for key in sorted(widths, key=lambda k: (widths[k], k)):
+        if widths[key] ** 2 <= budget:
+            budget -= widths[key] ** 2
+            kept.add(key)
+    return kept
+
+
 def _same(a: Tensor, b: Tensor) -> bool:
     """Equal up to the rounding of kernels that need not be bitwise reproducible (some GPU reductions)."""
     return bool(torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max().clamp_min(1e-12))))
@@ -138,4 +151,4 @@ def _noised(inputs: Any, generator: torch.Generator, shift: bool) -> Any:
     return inputs
 
 
-__all__: List[str] = ["RIDGE", "SECOND_MOMENT_BUDGET", "gaussian_input_statistics", "is_norm"]
+__all__: List[str] = ["RIDGE", "SECOND_MOMENT_BUDGET", "gaussian_input_statistics", "is_norm", "within_budget"]

@@ -38,7 +38,7 @@ from lightning_intrafusion.fusion import (
     merge_matrices,
     output_variance_ratios,
 )
-from lightning_intrafusion.gaussian_statistics import SECOND_MOMENT_BUDGET, gaussian_input_statistics, is_norm
+from lightning_intrafusion.gaussian_statistics import gaussian_input_statistics, is_norm, within_budget
 from lightning_intrafusion.graph import build_graph, following_batchnorm
 from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
@@ -283,7 +283,8 @@ class _Step:
         for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); without calibration data, those of
         the groups without BatchNorm on the Gaussian model of the inputs (``OTConfig.gaussian_compensation``),
         except groups whose channels pass through a norm (a residual stream's width): the model draws those
-        channels independently, so it could not predict one from the others. Measured once per step, on the model as it is before anything is pruned."""
+        channels independently, so it could not predict one from the others. Measured once per step, on the
+        model as it is before anything is pruned."""
         if self.compensation not in ("linear", "mean"):
             return {}
         if self.calibration is None:
@@ -294,14 +295,8 @@ class _Step:
         if missing:
             second = {k for k in missing if self.compensation == "linear" and consumers[k] <= LINEAR_MAX_WIDTH}
             if self.calibration is None:
-                # a default step: the second moments (m x m each) are kept within a budget, the widest go without
-                budget, kept = SECOND_MOMENT_BUDGET, set()
-                for key in sorted(second, key=lambda k: (consumers[k], k)):
-                    if consumers[key] ** 2 <= budget:
-                        budget -= consumers[key] ** 2
-                        kept.add(key)
-                second = kept
                 self.log(f"modelling the inputs of {len(missing)} consumer layer(s) without data")
+                second = within_budget({k: consumers[k] for k in second})
                 self.statistics.update(gaussian_input_statistics(model, self.example_inputs, missing, second))
             else:
                 self.log(f"measuring the inputs of {len(missing)} consumer layer(s) on the calibration data")
@@ -394,7 +389,7 @@ def _prune_groups(
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
-        compensated = bool(statistics) and compensation in ("linear", "mean") and any(s.key in statistics for s in group.slices)
+        compensated = compensation in ("linear", "mean") and any(s.key in (statistics or {}) for s in group.slices)
         if _fuses(method, compensation):
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise,
                                             compensated=compensated)

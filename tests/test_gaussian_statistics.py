@@ -10,7 +10,7 @@ from torch import nn
 
 from helpers import assert_same_state, state
 from lightning_intrafusion import OTConfig, prune
-import lightning_intrafusion.pruner as pruner
+from lightning_intrafusion import gaussian_statistics
 from lightning_intrafusion.gaussian_statistics import gaussian_input_statistics
 from lightning_intrafusion.models import SmallVGG
 
@@ -134,7 +134,7 @@ def test_second_moments_beyond_the_budget_leave_the_mean_repair(monkeypatch):
     example = torch.randn(4, 16)
     linear, mean, unlimited = copy.deepcopy(model), copy.deepcopy(model), copy.deepcopy(model)
     prune(unlimited, example, 0.5)
-    monkeypatch.setattr(pruner, "SECOND_MOMENT_BUDGET", 64 * 64 - 1)  # the consumer's E[x x^T] has 64^2 values
+    monkeypatch.setattr(gaussian_statistics, "SECOND_MOMENT_BUDGET", 64 * 64 - 1)  # the consumer's E[x x^T] has 64^2 values
     prune(linear, example, 0.5)
     prune(mean, example, 0.5, compensation="mean")
     assert_same_state(state(linear), state(mean))
