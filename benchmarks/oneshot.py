@@ -1,6 +1,7 @@
 """One-shot, data-free pruning on digits: default vs Intra-Fusion (paper preset) vs Intra-Fusion
-(our defaults), each without data, with calibration data (BatchNorm re-estimation and linear
-compensation, for every method alike) and with synthetic BN recalibration; no fine-tuning.
+(our defaults), each without data, with calibration data re-estimating BatchNorm statistics only (the
+issue's "normalisation re-estimation"), with calibration data and linear compensation (for every method
+alike) and with synthetic BN recalibration; no fine-tuning.
 
     python benchmarks/oneshot.py            # full table (trains and caches 10 models per architecture once)
     python benchmarks/oneshot.py --sweep    # also sweep OTConfig.max_cost (the BatchNorm groups' discard cost)
@@ -162,31 +163,32 @@ def main() -> None:
     print(f"command: python benchmarks/oneshot.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; digits: {len(train_set)} train / "
           f"{len(test_set)} test; accuracy: mean ±std over {args.seeds} models trained from different seeds\n")
-    print("| model | sparsity | method | acc | acc +calibration | acc +synthetic BN recal | params | MACs | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    # (name, sparsity, label) -> per-model accuracies [without data, calibration data, synthetic BN recal]
+    print("| model | sparsity | method | acc | acc +BN re-estimation | acc +calibration | acc +synthetic BN recal "
+          "| params | MACs | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    # (name, sparsity, label) -> {column: per-model accuracies}, columns as in COLUMNS (BN nets only for the last two)
     results = {}
     for name in MODELS:
         models = [trained(name, seed) for seed in seeds]
         has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules())
-        print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | | |")
+        print(f"| {name} | 0% | dense | {mean_std([accuracy(m, test_set) for m in models])} | | | | | | |")
         # data-free inputs distilled from each unpruned model's BN statistics (what calibration_data="synthetic"
         # does inside prune(); distilled once per model here, since they depend only on the unpruned model)
         distilled = [synthesize_inputs(m, test_set.tensors[0][:8]) for m in models] if has_batchnorm else []
         for s in SPARSITIES:
             for label, extra in variants(args.max_cost, has_batchnorm).items():
                 runs = [run_cell(m, name, s, extra, train_set, test_set, False) for m in models]
-                accs, report = [a for a, _ in runs], runs[0][1]
+                report = runs[0][1]
                 seconds = sum(r.seconds for _, r in runs) / len(runs)
-                calibrated = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
-                results[name, s, label] = [accs, calibrated]
-                synthetic = "n/a (no BatchNorm)"
+                cell = results[name, s, label] = {NO_DATA: [a for a, _ in runs]}
+                cell[CALIBRATION] = [run_cell(m, name, s, extra, train_set, test_set, True)[0] for m in models]
                 if has_batchnorm:
-                    on_distilled = [run_cell(m, name, s, extra, train_set, test_set, d)[0] for m, d in zip(models, distilled)]
-                    results[name, s, label].append(on_distilled)
-                    synthetic = mean_std(on_distilled)
-                recal = mean_std(calibrated)
-                print(f"| {name} | {s:.0%} | {label} | {mean_std(accs)} | {recal} | {synthetic} | "
+                    cell[BN_ONLY] = [run_cell(m, name, s, dict(extra, compensation="none"), train_set, test_set, True)[0]
+                                     for m in models]
+                    cell[SYNTHETIC] = [run_cell(m, name, s, extra, train_set, test_set, d)[0]
+                                       for m, d in zip(models, distilled)]
+                shown = [mean_std(cell[c]) if c in cell else "n/a (no BatchNorm)" for c in COLUMNS]
+                print(f"| {name} | {s:.0%} | {label} | " + " | ".join(shown) + " | "
                       f"{report.params_after:,} | {report.macs_after:,} | {seconds:.3f} |")
     summarize(results)
     if args.sweep:
@@ -212,43 +214,52 @@ def _paired(ours, theirs) -> str:
     return f"{d.mean():+.1f} ±{se:.1f} ({int((d >= 0).sum())}/{len(d)})"
 
 
-COLUMNS = ("", " +calibration", " +synthetic recal")  # without data, 8 training batches, BN recal on distilled inputs
+# the columns of the main table: no data; 8 training batches re-estimating BN statistics only (compensation="none",
+# the issue's "normalisation re-estimation"); the same batches with linear compensation (the default); BN
+# statistics re-estimated on inputs distilled from the unpruned model (data-free)
+NO_DATA, BN_ONLY, CALIBRATION, SYNTHETIC = "", " +BN re-estimation", " +calibration", " +synthetic recal"
+COLUMNS = (NO_DATA, BN_ONLY, CALIBRATION, SYNTHETIC)
+# the summary's sets of columns: the issue's cells (without data and with normalisation re-estimation), linear
+# compensation (the same repair for every method), and the data-free recalibration
+COLUMN_SETS = (((NO_DATA, BN_ONLY), " without data and with BN re-estimation (the issue's cells)"),
+               ((CALIBRATION,), " with calibration data and linear compensation (every method)"),
+               ((SYNTHETIC,), " with synthetic BN recal (data-free)"))
 
 
 def summarize(results) -> None:
-    """How often (cells x {without data, with calibration data}, on mean accuracy) our defaults match or
-    beat plain pruning and the paper preset; the same for the data-free synthetic recalibration on its
-    own; and the paired per-model differences behind each cell."""
+    """How often (on mean accuracy) our defaults are at or above plain pruning and the paper preset, and
+    strictly above, in each set of columns; and the paired per-model differences behind each cell."""
     cells = [(name, s) for name, s, label in results if label == "default"]
     print()
     sets = {"issue's benchmark set": [c for c in cells if c[0] not in EXTRA], "extra architectures": [c for c in cells if c[0] in EXTRA]}
     for set_name, set_cells in sets.items():
-        for columns, tag in (((0, 1), ""), ((2,), " with synthetic BN recal (data-free)")):
+        for columns, tag in COLUMN_SETS:
             for rival in ("default", "if-paper"):
-                wins, losses, total = 0, [], 0
+                wins, above, losses, total = 0, 0, [], 0
                 for name, s in set_cells:
                     for column in columns:
-                        if column >= len(results[name, s, "default"]):
+                        if column not in results[name, s, "default"]:
                             continue
                         total += 1
                         ours, theirs = (_mean(results[name, s, label][column]) for label in ("if-ours", rival))
                         if ours >= theirs:
                             wins += 1
+                            above += ours > theirs
                         else:
-                            losses.append(f"{name} {s:.0%}{COLUMNS[column]} ({ours:.1f} vs {theirs:.1f})")
+                            losses.append(f"{name} {s:.0%}{column} ({ours:.1f} vs {theirs:.1f})")
                 if total:
-                    print(f"{set_name}{tag}: if-ours >= {rival}: {wins}/{total} cells"
+                    print(f"{set_name}{tag}: if-ours >= {rival}: {wins}/{total} cells, above in {above}"
                           + (f"; below: {', '.join(losses)}" if losses else ""))
     print("\nPaired differences, if-ours minus rival on the same trained model: mean ±standard error "
           "(models where if-ours >= rival)\n")
-    print("| model | sparsity | vs default | vs if-paper | vs default +calibration | vs if-paper +calibration "
-          "| vs default +synthetic | vs if-paper +synthetic |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | sparsity | " + " | ".join(f"vs {rival}{column}" for column in COLUMNS for rival in ("default", "if-paper"))
+          + " |")
+    print("|---|---|" + "---|" * (2 * len(COLUMNS)))
     for name, s in cells:
         columns = []
-        for column in range(len(COLUMNS)):
+        for column in COLUMNS:
             for rival in ("default", "if-paper"):
-                if column < len(results[name, s, "default"]):
+                if column in results[name, s, "default"]:
                     columns.append(_paired(results[name, s, "if-ours"][column], results[name, s, rival][column]))
                 else:
                     columns.append("")
@@ -292,7 +303,7 @@ def ablations(train_set, test_set, seeds, results) -> None:
             no_data = [per_cell[name, s][0] for s in SPARSITIES]
             means.append(sum(no_data) / len(no_data))
             for s in SPARSITIES:
-                for column, value in enumerate(per_cell[name, s]):
+                for column, value in zip((NO_DATA, CALIBRATION), per_cell[name, s]):
                     cells += value >= _mean(results[name, s, "if-ours"][column]) - 1e-9
             if len(per_cell[name, SPARSITIES[0]]) > 1:
                 recal.append(sum(per_cell[name, s][1] for s in SPARSITIES) / len(SPARSITIES))
@@ -300,7 +311,8 @@ def ablations(train_set, test_set, seeds, results) -> None:
         print(f"| {label} | " + " | ".join(f"{m:.1f}" for m in means) + " | "
               + " | ".join(f"{r:.1f}" for r in recal) + f" | {cells}/{total} |")
 
-    row("our defaults", {(n, s): [_mean(a) for a in results[n, s, "if-ours"][:2]] for n in names for s in SPARSITIES})
+    row("our defaults", {(n, s): [_mean(results[n, s, "if-ours"][c]) for c in (NO_DATA, CALIBRATION)]
+                         for n in names for s in SPARSITIES})
     changes = {label: {"ot_config": OTConfig(**change)} for label, change in ABLATIONS.items()}
     changes.update(PRUNE_ABLATIONS)
     for label, extra in changes.items():
@@ -392,7 +404,7 @@ def refit(train_set, test_set, seeds, results) -> None:
                           for label, extra in (("default", dict(method="default")), ("if-ours", {}))}
             accs = {label: [a for a, _ in runs] for label, runs in refit_runs.items()}
             seconds = _mean([r.seconds for _, r in refit_runs["if-ours"]])
-            print(f"| {name} | {s:.0%} | {mean_std(results[name, s, 'default'][1])} | {mean_std(results[name, s, 'if-ours'][1])} | "
+            print(f"| {name} | {s:.0%} | {mean_std(results[name, s, 'default'][CALIBRATION])} | {mean_std(results[name, s, 'if-ours'][CALIBRATION])} | "
                   f"{mean_std(accs['default'])} | {mean_std(accs['if-ours'])} | {_paired(accs['if-ours'], accs['default'])} | {seconds:.2f} |")
 
 
