@@ -14,6 +14,8 @@ The figure is the held-out loss in bits per byte (lower is better; the unpruned 
     python benchmarks/language_model.py --seeds 5
     python benchmarks/language_model.py --parts      # also MLP neurons and heads pruned on their own, without data
     python benchmarks/language_model.py --sweep      # also OTConfig.max_cost_without_bn varied, without data
+    python benchmarks/language_model.py --compensate-merged   # only: OTConfig(compensate_merged=True) against our
+                                                              # defaults and OT alone, without data
     python benchmarks/language_model.py --family gpt2   # a GPT-2 instead (GELU MLP, packed qkv heads)
     python benchmarks/language_model.py --family gpt2 --tied-width   # only: GPT-2's hidden width, which its
                                                                      # output layer shares with the input embedding
@@ -163,6 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=3, help="independently trained models")
     parser.add_argument("--parts", action="store_true", help="also MLP neurons and heads on their own, without data")
+    parser.add_argument("--compensate-merged", action="store_true",
+                        help="instead of the main table: OTConfig(compensate_merged=True) vs our defaults, without data")
     parser.add_argument("--sweep", action="store_true", help="also max_cost_without_bn varied, without data")
     parser.add_argument("--family", choices=sorted(MLP_LAYERS), default="llama")
     parser.add_argument("--tied-width", action="store_true",
@@ -183,6 +187,9 @@ def main() -> None:
     scope = scopes(args.family)
     if args.tied_width:
         tied_width(models, test, example, calibration)
+        return
+    if args.compensate_merged:
+        compensate_merged(models, test, example, scope)
         return
     print("| sparsity | method | " + " | ".join(REPAIRS) + " | merged (no data) | params | seconds (no data / +linear / +refit) |")
     print("|---|---|" + "---|" * len(REPAIRS) + "---|---|---|")
@@ -227,6 +234,34 @@ def parts(models, test, example, scope) -> None:
             print(f"| {scope_name} | {s:.0%} | {mean_std(values['default'])} | {mean_std(values['if-paper'])} | "
                   f"{mean_std(values['if-ours'])} | {merged_share([r for _, r in runs['if-ours']])} | "
                   f"{paired(values['if-ours'], values['default'])} |", flush=True)
+
+
+# --compensate-merged: the data-free variants of Intra-Fusion compared, and plain pruning
+VARIANTS = {
+    "default": dict(method="default"),
+    "OT alone": dict(ot_config=OTConfig(gaussian_compensation=False)),
+    "if-ours": {},
+    "compensate_merged": dict(ot_config=OTConfig(compensate_merged=True)),
+}
+
+
+def compensate_merged(models, test, example, scope) -> None:
+    """Without data: our defaults (near-duplicates merged, the rest predicted from the kept neurons as they were),
+    OT alone (merged within ``max_cost_without_bn``, no compensation) and ``compensate_merged`` (merged as OT
+    alone, then every consumer's unpruned output predicted from the merged kept neurons)."""
+    print("Without data (bits per byte, mean ±std; merged: share of removed channels merged; paired: "
+          "compensate_merged minus if-ours)\n")
+    print("| groups | sparsity | " + " | ".join(VARIANTS) + " | merged (compensate_merged) | paired | seconds (if-ours / compensate_merged) |")
+    print("|---|---|" + "---|" * (len(VARIANTS) + 3))
+    for scope_name in ("MLP + heads", "MLP only", "heads only"):
+        for s in SPARSITIES:
+            runs = {label: [run_cell(m, s, test, example, scope[scope_name], extra, {}) for m in models]
+                    for label, extra in VARIANTS.items()}
+            values = {label: [v for v, _ in r] for label, r in runs.items()}
+            seconds = " / ".join(f"{sum(r.seconds for _, r in runs[label]) / len(models):.2f}" for label in ("if-ours", "compensate_merged"))
+            print(f"| {scope_name} | {s:.0%} | " + " | ".join(mean_std(values[label]) for label in VARIANTS) + " | "
+                  f"{merged_share([r for _, r in runs['compensate_merged']])} | "
+                  f"{paired(values['compensate_merged'], values['if-ours'])} | {seconds} |", flush=True)
 
 
 TIED_SPARSITIES = (0.1, 0.2, 0.3, 0.5)

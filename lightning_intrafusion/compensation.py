@@ -208,16 +208,7 @@ def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[st
         c = s.positions.shape[1]
         removed = s.positions[lost_channels].to(mean.device)  # (r, c) input positions
         staying = s.positions[kept].to(mean.device)  # (k, c)
-
-        def pooled(rows: Tensor, columns: Tensor) -> Tensor:  # sum over positions p of moment[rows[:, p], columns[:, p]]
-            block = moment[rows.reshape(-1)][:, columns.reshape(-1)].reshape(len(rows), c, len(columns), c)
-            return block.diagonal(dim1=1, dim2=3).sum(-1)
-
-        gram, cross = pooled(staying, staying), pooled(removed, staying)
-        scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
-        ridge_used = stats.ridge if ridge is None else ridge
-        regularised = gram + ridge_used * scale * torch.eye(len(staying), dtype=gram.dtype, device=gram.device)
-        coefficients = torch.linalg.solve(regularised, cross.T).T  # (removed, kept) channels
+        coefficients = _regression(moment, removed, staying, stats.ridge if ridge is None else ridge)  # (removed, kept)
         columns = weight.index_select(1, removed.reshape(-1).to(weight.device)).double()
         columns = columns.reshape(weight.shape[0], len(removed), c, *weight.shape[2:])
         columns = columns * lost[lost_channels].to(columns).reshape(1, -1, *([1] * (columns.dim() - 2)))
@@ -229,3 +220,84 @@ def lost_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[st
             bias_delta = torch.einsum("orp...,rp->o", columns, intercepts)
         updates[s.key] = ColumnUpdate(staying.reshape(-1), delta, bias_delta, transposed=s.dim == 0)
     return updates
+
+
+def _regression(moment: Tensor, targets: Tensor, regressors: Tensor, ridge: float,
+                prior: Optional[Tensor] = None) -> Tensor:
+    """Ridge least-squares coefficients (``len(targets) x len(regressors)``, shrunk toward ``prior``, default 0)
+    predicting the channels at input positions ``targets`` (``(t, c)``) from those at ``regressors`` (``(r, c)``),
+    one coefficient per pair of channels pooled over their ``c`` positions, from the second moments ``moment``;
+    the ridge is relative to the regressors' mean (co)variance."""
+    c = targets.shape[1]
+
+    def pooled(rows: Tensor, columns: Tensor) -> Tensor:  # sum over positions p of moment[rows[:, p], columns[:, p]]
+        block = moment[rows.reshape(-1)][:, columns.reshape(-1)].reshape(len(rows), c, len(columns), c)
+        return block.diagonal(dim1=1, dim2=3).sum(-1)
+
+    gram, cross = pooled(regressors, regressors), pooled(targets, regressors)
+    scale = gram.diagonal().mean().clamp_min(torch.finfo(gram.dtype).tiny)
+    regularised = gram + ridge * scale * torch.eye(len(regressors), dtype=gram.dtype, device=gram.device)
+    if prior is None:
+        return torch.linalg.solve(regularised, cross.T).T
+    return prior + torch.linalg.solve(regularised, (cross - prior @ gram).T).T
+
+
+def merged_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[str, InputStatistics], merge: Tensor,
+                               kept: Tensor, ridge: Optional[float] = None) -> Dict[str, ColumnUpdate]:
+    """Linear compensation on top of a fusion: for every consumer weight of a fused group whose joint input
+    statistics are known (``statistics[key]``: moments of ``[x, x']``, the ``m`` inputs as the model computed
+    them before the group was fused and the ``m`` inputs it computes now, over the same passes; see
+    :func:`~lightning_intrafusion.gaussian_statistics.gaussian_joint_statistics`), what the consumer computed
+    before, ``W x + b``, predicted from the fused kept channels ``x'_kept`` by ridge least squares shrunk toward
+    the merge itself (with an intercept where the consumer has a bias), as updates of the kept channels' columns
+    and of the bias. ``merge``: the consumer merge matrix of the fusion (``k x n``, see
+    :func:`~lightning_intrafusion.fusion.merge_matrices`), so that the kept columns now are ``W merge^T``.
+
+    Coefficients are pooled over positions as in :func:`lost_linear_compensation`. ``W`` is recovered from the
+    weight as it is now (removed channels' columns untouched, kept ones merged), so merges of the consumer's
+    own rows by other groups of the step are respected. Without second moments only the means are carried
+    (the bias takes what the fused channels lose on average)."""
+    updates: Dict[str, ColumnUpdate] = {}
+    n = merge.shape[1]
+    removed = torch.tensor(sorted(set(range(n)) - set(kept.tolist())), dtype=torch.long)
+    for s in slices:
+        stats = statistics.get(s.key)
+        weight = consumer_weight(s)
+        if weight is None or stats is None:
+            continue
+        width = stats.mean.numel() // 2
+        positions = s.positions.to(stats.mean.device)
+        staying = positions[kept]  # (k, c)
+        source = staying + width  # the fused kept channels' positions in [x, x']
+        base = unmerged_columns(weight, s.positions, merge, kept, removed)  # (out, n, c, *kernel)
+        prior = merge.double().T.to(stats.mean.device)  # (n, k): x_i ~ sum_j prior[i, j] x'_j is what the merge assumes
+        coefficients = prior
+        if stats.second_moment is not None:
+            moment = stats.second_moment
+            if stats.has_bias:
+                moment = moment - torch.outer(stats.mean, stats.mean)
+            coefficients = _regression(moment, positions, source, stats.ridge if ridge is None else ridge, prior)
+        correction = (coefficients - prior).to(base.device)
+        delta = torch.einsum("onp...,nk->okp...", base, correction).reshape(weight.shape[0], -1, *weight.shape[2:])
+        bias_delta = None
+        if stats.has_bias:
+            # per position p: E[x_i] - sum_j coefficients[i, j] E[x'_j], carried by the columns before the merge
+            intercepts = stats.mean[positions] - coefficients @ stats.mean[source]  # (n, c)
+            bias_delta = torch.einsum("onp...,np->o", base, intercepts.to(base.device))
+        updates[s.key] = ColumnUpdate(staying.reshape(-1).cpu(), delta, bias_delta, transposed=s.dim == 0)
+    return updates
+
+
+def unmerged_columns(weight: Tensor, positions: Tensor, merge: Tensor, kept: Tensor, removed: Tensor) -> Tensor:
+    """A consumer's columns for a group's ``n`` channels as they were before the group's merge (``merge``,
+    ``k x n``, made the kept ones ``sum_i merge[j, i] W_i``; removed ones are untouched until removal), as
+    ``(out, n, c, *kernel)`` for ``positions`` ``(n, c)``; merges of the rows by other groups stay."""
+    n, c = positions.shape
+    t = merge.double().to(weight.device)
+    columns = weight.index_select(1, positions.reshape(-1).to(weight.device)).double()
+    columns = columns.reshape(weight.shape[0], n, -1)  # (out, n, c * kernel)
+    kept, removed = kept.to(weight.device), removed.to(weight.device)
+    rest = columns[:, kept] - torch.einsum("kr,orx->okx", t[:, removed], columns[:, removed])
+    base = columns.clone()
+    base[:, kept] = torch.einsum("ak,okx->oax", torch.linalg.inv(t[:, kept]), rest)
+    return base.reshape(weight.shape[0], n, c, *weight.shape[2:])

@@ -21,12 +21,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
-from typing import Any, Collection, Dict, List, Mapping, Optional, Set
+from typing import Any, Collection, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from lightning_intrafusion.compensation import InputStatistics, consumer_input_statistics
+from lightning_intrafusion.calibration import ChannelMoments, observe_batches
+from lightning_intrafusion.compensation import InputStatistics, consumer_input_statistics, output_inverse
+from lightning_intrafusion.snapshot import ModelSnapshot
+from lightning_intrafusion.surgery import transposed_linear_types
 
 SAMPLES = 4096  # input rows (tokens, pixels) per layer to aim for
 MAX_PASSES = 64  # forward passes at most
@@ -80,20 +83,141 @@ def _modelled_statistics(model: nn.Module, example_inputs: Any, keys: Collection
                          samples: int, max_passes: int, seed: int, drawn: torch.Generator,
                          noise: torch.Generator) -> Dict[str, InputStatistics]:
     """The passes of :func:`gaussian_input_statistics` (its norms' hooks draw from ``drawn``)."""
+    independent, passes = _independent_layers(model, example_inputs, keys, samples, max_passes, seed, drawn, noise)
+    if not independent:
+        return {}
+    drawn.manual_seed(seed + 1)
+    batches = (_noised(example_inputs, noise, shift=False) for _ in range(passes))
+    measured = consumer_input_statistics(model, batches, keys=independent, second_moments=set(second_moments) & independent,
+                                         product_dtype=torch.float32)
+    return {key: replace(stats, ridge=RIDGE) for key, stats in measured.items()}
+
+
+def _independent_layers(model: nn.Module, example_inputs: Any, keys: Collection[str], samples: int, max_passes: int,
+                        seed: int, drawn: torch.Generator, noise: torch.Generator) -> Tuple[Set[str], int]:
+    """The keyed layers whose input moments are the same for two passes with the same norm outputs and other
+    inputs, and how many passes give them ``samples`` rows each (at most ``max_passes``)."""
     drawn.manual_seed(seed)
     first = consumer_input_statistics(model, [_noised(example_inputs, noise, shift=False)], keys=keys)
     drawn.manual_seed(seed)  # the same norm outputs, other inputs
     second = consumer_input_statistics(model, [_noised(example_inputs, noise, shift=True)], keys=keys)
     independent = {key for key, stats in first.items() if key in second and _same(stats.mean, second[key].mean)}
     if not independent:
-        return {}
+        return set(), 0
     rows = min(first[key].samples for key in independent)
-    passes = max(1, min(max_passes, math.ceil(samples / max(rows, 1))))
-    drawn.manual_seed(seed + 1)
-    batches = (_noised(example_inputs, noise, shift=False) for _ in range(passes))
-    measured = consumer_input_statistics(model, batches, keys=independent, second_moments=set(second_moments) & independent,
-                                         product_dtype=torch.float32)
-    return {key: replace(stats, ridge=RIDGE) for key, stats in measured.items()}
+    return independent, max(1, min(max_passes, math.ceil(samples / max(rows, 1))))
+
+
+@torch.no_grad()
+def modelled_layers(model: nn.Module, example_inputs: Any, keys: Collection[str], samples: int = SAMPLES,
+                    max_passes: int = MAX_PASSES, seed: int = 0) -> Set[str]:
+    """Those of the keyed layers whose inputs the Gaussian model describes: they depend on norm outputs only,
+    not on the example inputs' values (the check of :func:`gaussian_input_statistics`); a model rejecting the
+    modelled inputs has none, with a warning."""
+    norms = [module for module in model.modules() if is_norm(module)]
+    if not keys or not norms:
+        return set()
+    drawn, noise = torch.Generator(), torch.Generator().manual_seed(seed)
+    hooks = [norm.register_forward_hook(_standard_output(drawn)) for norm in norms]
+    try:
+        return _independent_layers(model, example_inputs, set(keys), samples, max_passes, seed, drawn, noise)[0]
+    except Exception as error:  # the model checks its inputs: nothing to model, the step goes on without it
+        # (stacklevel: the caller of prune(), through modelled_consumers and _Step.run)
+        warnings.warn(f"no data-free compensation (OTConfig.gaussian_compensation): the model rejected modelled "
+                      f"inputs ({type(error).__name__}: {error})", stacklevel=6)
+        return set()
+    finally:
+        for handle in hooks:
+            handle.remove()
+
+
+@torch.no_grad()
+def gaussian_joint_statistics(model: nn.Module, before: ModelSnapshot, example_inputs: Any, keys: Collection[str],
+                              second_moments: Collection[str] = (), samples: int = SAMPLES,
+                              max_passes: int = MAX_PASSES, seed: int = 0) -> Dict[str, InputStatistics]:
+    """Joint input statistics of the keyed layers (linear layers, Hugging Face ``Conv1D``, ungrouped
+    convolutions, ``nn.MultiheadAttention``'s output projection) as the model computed them in the state
+    ``before`` (a snapshot of it) and as it computes them now, under standard normal norm outputs: pass by
+    pass the two states see the same norm outputs and inputs, and each layer's ``m`` inputs then and ``m``
+    inputs now are moments of one ``2m``-channel stream (``E[z z^T]`` for the layers in ``second_moments``).
+    For :func:`~lightning_intrafusion.compensation.merged_linear_compensation` after a fusion; only for layers
+    :func:`modelled_layers` found. The model is left in its current state and modes."""
+    keys = set(keys)
+    norms = [module for module in model.modules() if is_norm(module)]
+    if not keys or not norms:
+        return {}
+    now = ModelSnapshot(model)
+    drawn, noise = torch.Generator(), torch.Generator().manual_seed(seed)
+    moments: Dict[str, ChannelMoments] = {}
+    passes, number = 1, 0
+    try:
+        while number < passes:
+            inputs = _noised(example_inputs, noise, shift=False)
+            seen = []
+            for state in (before, now):
+                state.restore()
+                drawn.manual_seed(seed + 1 + number)
+                seen.append(_layer_inputs(model, inputs, keys, norms, drawn))
+            found = keys & set(seen[0]) & set(seen[1])
+            if number == 0 and found:  # enough passes for ``samples`` rows per layer
+                rows = min(len(seen[1][key]) for key in found)
+                passes = max(1, min(max_passes, math.ceil(samples / max(1, rows))))
+            for key in found:
+                joint = torch.cat([seen[0][key], seen[1][key]], 1)
+                moments.setdefault(key, ChannelMoments(1, key in second_moments, torch.float32)).add(joint)
+            number += 1
+    finally:
+        now.restore()
+    stats = {}
+    for key, m in moments.items():
+        mean, second = m.mean(), m.second_moment() if m.cross else None
+        if torch.isfinite(mean).all() and (second is None or torch.isfinite(second).all()):
+            stats[key] = InputStatistics(mean, second, _has_bias(model, key), m.count, RIDGE)
+    return stats
+
+
+def _has_bias(model: nn.Module, key: str) -> bool:
+    return getattr(model.get_submodule(key[: -len(".weight")]) if key != "weight" else model, "bias", None) is not None
+
+
+def _layer_inputs(model: nn.Module, inputs: Any, keys: Collection[str], norms: List[nn.Module],
+                  drawn: torch.Generator) -> Dict[str, Tensor]:
+    """One pass of ``model`` on ``inputs`` with modelled norm outputs: the keyed layers' inputs as ``(rows, m)``
+    (the first call of each layer; ``nn.MultiheadAttention``'s output projection solved from the module's
+    output, where its weight has full column rank)."""
+    seen: Dict[str, Tensor] = {}
+
+    def keep(key: str, x: Any, channel_dim: int) -> None:
+        if key not in seen and isinstance(x, Tensor) and x.dim() > 0:
+            seen[key] = x.detach().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).double()
+
+    hooks = [norm.register_forward_hook(_standard_output(drawn)) for norm in norms]
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(module, nn.MultiheadAttention):
+            key = f"{name}.out_proj.weight" if name else "out_proj.weight"
+            if key in keys:
+                inverse = output_inverse(module.out_proj)
+                bias = module.out_proj.bias
+                if inverse is not None:
+                    hooks.append(module.register_forward_hook(
+                        lambda m, args, output, key=key, inverse=inverse, bias=bias: keep(
+                            key, _solved(output[0] if isinstance(output, tuple) else output, inverse, bias), -1)))
+        elif key in keys and isinstance(module, (nn.Linear,) + transposed_linear_types()):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: keep(key, args[0] if args else None, -1)))
+        elif (key in keys and isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
+              and not isinstance(module, nn.modules.conv._ConvTransposeNd)):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: keep(key, args[0] if args else None, 1)))
+    observe_batches(model, [inputs], None, "example_inputs", hooks)
+    return seen
+
+
+def _solved(output: Tensor, inverse: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The input ``x`` of a projection ``y = W x + b`` from its output, with ``inverse`` = ``W^+``."""
+    y = output.detach().double()
+    if bias is not None:
+        y = y - bias.detach().double()
+    return y @ inverse.T.to(y.device)
 
 
 def within_budget(widths: Mapping[str, int], budget: Optional[int] = None) -> Set[str]:
@@ -151,4 +275,5 @@ def _noised(inputs: Any, generator: torch.Generator, shift: bool) -> Any:
     return inputs
 
 
-__all__: List[str] = ["RIDGE", "SECOND_MOMENT_BUDGET", "gaussian_input_statistics", "is_norm", "within_budget"]
+__all__: List[str] = ["RIDGE", "SECOND_MOMENT_BUDGET", "gaussian_input_statistics", "gaussian_joint_statistics", "is_norm",
+                      "modelled_layers", "within_budget"]

@@ -111,6 +111,14 @@ class OTConfig:
             above plain pruning on both digits transformers and both language models at every sparsity, where
             without it fusion was level with plain pruning on the transformers and GPT-2. Costs a few forward
             passes on the example inputs' shapes (their values are never read).
+        compensate_merged: with ``gaussian_compensation``, merge those groups by OT as if nothing were compensated
+            (``max_cost_without_bn``, like groups without BatchNorm elsewhere), then predict each consumer's
+            unpruned output from the *merged* kept channels (moments of the model's layer inputs before and after
+            fusion, paired pass by pass on the Gaussian model; see
+            :func:`~lightning_intrafusion.compensation.merged_linear_compensation`), so that merging and the
+            regression add up. Off by default: measured without data (README), better on the byte-level LLaMA
+            (MLP neurons and heads at 30/50/70%) and the digits transformer, worse on GPT-2 at 70%, the
+            ``nn.MultiheadAttention`` transformer and the VGG classifier.
         sinkhorn_reg: entropic regularisation, relative to the largest cost.
         num_iter_max: iteration cap of the solver; hitting it raises :class:`TransportError`.
     """
@@ -133,6 +141,7 @@ class OTConfig:
     preserve_norm: bool = True
     correct_variance: bool = True
     gaussian_compensation: bool = True
+    compensate_merged: bool = False
     sinkhorn_reg: float = 0.01
     num_iter_max: int = 1_000_000
 

@@ -24,7 +24,7 @@ from lightning_intrafusion import ot as ot_math
 from lightning_intrafusion.calibration import recalibrate_batchnorm, tracking_batchnorms
 from lightning_intrafusion.compensation import (COMPENSATIONS, LINEAR_MAX_WIDTH, ColumnUpdate, InputStatistics,
                                                 consumer_input_statistics, consumer_weight, lost_linear_compensation,
-                                                lost_mean_shifts)
+                                                lost_mean_shifts, merged_linear_compensation)
 from lightning_intrafusion.cost import count_macs_and_params
 from lightning_intrafusion.execution import eager
 from lightning_intrafusion.forward_check import ForwardBrokenError, Signature, check_still_runs, forward_signature
@@ -38,7 +38,8 @@ from lightning_intrafusion.fusion import (
     merge_matrices,
     output_variance_ratios,
 )
-from lightning_intrafusion.gaussian_statistics import gaussian_input_statistics, is_norm, within_budget
+from lightning_intrafusion.gaussian_statistics import (gaussian_input_statistics, gaussian_joint_statistics, is_norm,
+                                                       modelled_layers, within_budget)
 from lightning_intrafusion.graph import build_graph, following_batchnorm
 from lightning_intrafusion.group import PrunableGroup
 from lightning_intrafusion.importance import ImportanceLike, needs_gradients, resolve_importance, score_group
@@ -228,6 +229,7 @@ class _Step:
     compensation: str = "none"
     calibration: Optional[Tuple[Iterable[Any], Optional[int]]] = None  # (batches, at most how many) to compensate on
     statistics: Dict[str, InputStatistics] = field(default_factory=dict)  # of consumer inputs, once measured
+    modelled: Dict[str, bool] = field(default_factory=dict)  # consumer key -> whether the Gaussian model describes it
     outputs: Dict[str, List[Tensor]] = field(default_factory=dict)  # unpruned layer outputs, for the refit
     unresolved: Dict[str, str] = field(default_factory=dict)  # groups Torch-Pruning could not resolve, by root
 
@@ -251,9 +253,16 @@ class _Step:
         if needs_gradients(self.scorer):
             _accumulate_gradients(model, self.gradient_fn)
         targets = self.layer_outputs(model, selected)
+        modelled = self.modelled_consumers(model, selected)
+        before = ModelSnapshot(model) if modelled else None
+
+        def joint_statistics(keys: Collection[str]) -> Dict[str, InputStatistics]:
+            return gaussian_joint_statistics(model, before, self.example_inputs, keys, [k for k in keys if modelled[k]])
+
         group_reports, removals = _prune_groups(graph, selected, self.sparsity, self.method, self.scorer, self.ot_config,
                                                 self.reference_widths, self.channel_blocks, self.log,
-                                                self.consumer_statistics(model, selected), self.compensation)
+                                                self.consumer_statistics(model, selected), self.compensation,
+                                                modelled, joint_statistics)
         check_still_runs(model, self.example_inputs, self.output_before)
         if targets:
             self.log(f"refitting {len(targets)} layer(s) on the calibration data, in forward order")
@@ -281,16 +290,15 @@ class _Step:
     def consumer_statistics(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, InputStatistics]:
         """Input statistics of the layers consuming ``groups`` on the calibration batches, with second moments
         for linear compensation (inputs no wider than ``LINEAR_MAX_WIDTH``); without calibration data, those of
-        the groups without BatchNorm on the Gaussian model of the inputs (``OTConfig.gaussian_compensation``),
-        except groups whose channels pass through a norm (a residual stream's width): the model draws those
-        channels independently, so it could not predict one from the others. Measured once per step, on the
-        model as it is before anything is pruned."""
-        if self.compensation not in ("linear", "mean"):
+        the groups without BatchNorm on the Gaussian model of the inputs (``OTConfig.gaussian_compensation``,
+        unless ``compensate_merged``: see :meth:`modelled_consumers`), except groups whose channels pass through a
+        norm (a residual stream's width): the model draws those channels independently, so it could not predict
+        one from the others. Measured once per step, on the model as it is before anything is pruned."""
+        if self.compensation not in ("linear", "mean") or (self.calibration is None and self.ot_config.compensate_merged):
             return {}
         if self.calibration is None:
-            groups = [g for g in groups if not g.folds and not any(is_norm(m) for m, _ in g.targets.values())]
-        consumers = {s.key: weight.shape[1] for g in groups for s in g.slices
-                     for weight in [consumer_weight(s)] if weight is not None}
+            groups = _modelled_groups(groups)
+        consumers = _consumer_widths(groups)
         missing = set(consumers) - set(self.statistics)
         if missing:
             second = {k for k in missing if self.compensation == "linear" and consumers[k] <= LINEAR_MAX_WIDTH}
@@ -303,6 +311,25 @@ class _Step:
                 batches, limit = self.calibration
                 self.statistics.update(consumer_input_statistics(model, batches, limit, keys=missing, second_moments=second))
         return {k: self.statistics[k] for k in consumers if k in self.statistics}
+
+    def modelled_consumers(self, model: nn.Module, groups: Sequence[PrunableGroup]) -> Dict[str, bool]:
+        """Without calibration data, under ``OTConfig.compensate_merged``: the layers consuming the groups without
+        BatchNorm whose inputs the Gaussian model describes (as for :meth:`consumer_statistics`), each with whether
+        its joint second moments (before and after fusion) are kept: linear compensation, within the budget; the
+        others get the means only. Found once per step, on the model before anything is pruned."""
+        if (self.compensation not in ("linear", "mean") or self.calibration is not None
+                or not self.ot_config.compensate_merged):
+            return {}
+        consumers = _consumer_widths(_modelled_groups(groups))
+        missing = set(consumers) - set(self.modelled)
+        if missing:
+            self.log(f"modelling the inputs of {len(missing)} consumer layer(s) without data")
+            found = modelled_layers(model, self.example_inputs, missing)
+            self.modelled.update({k: k in found for k in missing})
+        modelled = [k for k in consumers if self.modelled.get(k)]
+        second = {k for k in modelled if self.compensation == "linear" and consumers[k] <= LINEAR_MAX_WIDTH}
+        second = within_budget({k: 2 * consumers[k] for k in second})  # moments of then and now: 2m x 2m
+        return {k: k in second for k in modelled}
 
     def groups_breaking_the_forward(self, model: nn.Module) -> Dict[str, str]:
         """Every selected group pruned on its own (and rolled back): those after which the model no longer
@@ -364,14 +391,19 @@ def _prune_groups(
     graph: tp.DependencyGraph, groups: Sequence[PrunableGroup], sparsity: float, method: str, scorer: Any,
     config: OTConfig, reference_widths: Mapping[str, int], channel_blocks: Mapping[str, int],
     log: Callable[[str], None] = _silent, statistics: Optional[Mapping[str, InputStatistics]] = None,
-    compensation: str = "none",
+    compensation: str = "none", modelled: Optional[Mapping[str, bool]] = None,
+    joint_statistics: Optional[Callable[[Collection[str]], Dict[str, InputStatistics]]] = None,
 ) -> Tuple[List[GroupReport], List[Removal]]:
     """Fuse every group (values only; shapes unchanged), then remove all channels in one pass. With the
     consumers' input ``statistics`` (see :func:`~lightning_intrafusion.compensation.consumer_input_statistics`),
     what is removed without being merged is compensated (``compensation``: ``"linear"`` where second
-    moments were measured, ``"mean"`` elsewhere)."""
+    moments were measured, ``"mean"`` elsewhere). Without data, the groups with ``modelled`` consumers are
+    compensated after every group is fused: their consumers' unpruned outputs predicted from the fused kept
+    channels, on ``joint_statistics`` of the inputs before and after
+    (:func:`~lightning_intrafusion.compensation.merged_linear_compensation`)."""
     reports: List[GroupReport] = []
     entries = []
+    fused_groups = []  # (group, kept channels, consumer merge matrix) to compensate once all are fused
     for number, group in enumerate(groups, 1):
         started = time.perf_counter()
         group.refresh()
@@ -389,6 +421,7 @@ def _prune_groups(
         kept = choose_kept(scores, keep, group.blocks, unit)
         removed = torch.tensor(complement(group.width, _expand_index(kept, unit).tolist()), dtype=torch.long)
         transport = None
+        modelled_group = compensation in ("linear", "mean") and any(s.key in (modelled or {}) for s in group.slices)
         compensated = compensation in ("linear", "mean") and any(s.key in (statistics or {}) for s in group.slices)
         if _fuses(method, compensation):
             group_config = config.for_group(heads=unit > 1, batch_normalized=bool(group.folds), depthwise=group.depthwise,
@@ -405,7 +438,9 @@ def _prune_groups(
         if transport is not None:
             # a tied weight (an embedding shared with the output layer) cannot be averaged as the one and summed
             # as the other: its columns are only removed, every other tensor of the group is fused
-            report.merged, folded = _fuse(graph, group, transport, kept, unit, group_config, leave=group.tied)
+            report.merged, folded, mats = _fuse(graph, group, transport, kept, unit, group_config, leave=group.tied)
+            if modelled_group:
+                fused_groups.append((group, _expand_index(kept, unit), mats["consumer"]))
         _shift_biases(graph.model, shifts)
         _update_columns(graph.model, updates)
         entries.extend(group.removals(removed))
@@ -418,10 +453,39 @@ def _prune_groups(
                        else " (the tied weight's columns removed, not merged)")
         log(f"group {number}/{len(groups)} {group.root_name}: {group.width} -> {keep} channels{merged} "
             f"({time.perf_counter() - started:.2f} s)")
+    if fused_groups and joint_statistics is not None:
+        _compensate_fused(graph.model, fused_groups, joint_statistics, log)
     names = {m: n for n, m in graph.model.named_modules()}
     removals = merge_removals(entries, names)
     apply_removals(graph.model, removals)
     return reports, removals
+
+
+def _compensate_fused(model: nn.Module, fused_groups: Sequence[Tuple[PrunableGroup, Tensor, Tensor]],
+                      joint_statistics: Callable[[Collection[str]], Dict[str, InputStatistics]],
+                      log: Callable[[str], None]) -> None:
+    """Linear compensation on the fused model, before anything is removed: every consumer of the groups in
+    ``fused_groups`` (group, kept channels, consumer merge matrix) predicts its unpruned output from the fused
+    kept channels (:func:`~lightning_intrafusion.compensation.merged_linear_compensation`)."""
+    keys = {s.key for group, _, _ in fused_groups for s in group.slices if consumer_weight(s) is not None}
+    log(f"compensating {len(keys)} consumer layer(s) on modelled inputs, before and after fusion")
+    statistics = joint_statistics(keys)
+    updates: Dict[str, ColumnUpdate] = {}
+    for group, channels, merge in fused_groups:
+        group.refresh()
+        found = merged_linear_compensation(group.slices, statistics, merge, channels)
+        updates.update({key: update for key, update in found.items() if key not in group.tied})
+    _update_columns(model, updates)
+
+
+def _modelled_groups(groups: Sequence[PrunableGroup]) -> List[PrunableGroup]:
+    """The groups the Gaussian model of the inputs can compensate: without BatchNorm, no norm among their layers."""
+    return [g for g in groups if not g.folds and not any(is_norm(m) for m, _ in g.targets.values())]
+
+
+def _consumer_widths(groups: Sequence[PrunableGroup]) -> Dict[str, int]:
+    """The input width of every consumer weight of ``groups``, by key."""
+    return {s.key: weight.shape[1] for g in groups for s in g.slices for weight in [consumer_weight(s)] if weight is not None}
 
 
 def _fuses(method: str, compensation: str) -> bool:
@@ -432,16 +496,19 @@ def _fuses(method: str, compensation: str) -> bool:
 
 
 def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, kept: Tensor, unit: int,
-          config: OTConfig, leave: Collection[str] = ()) -> Tuple[int, Optional[str]]:
+          config: OTConfig, leave: Collection[str] = ()) -> Tuple[int, Optional[str], Dict[str, Tensor]]:
     """Merge all channels of ``group`` into the kept ones along the transport map (kept channels x all
     channels; values only, shapes are unchanged until the removal), in every tensor but those keyed in
     ``leave`` (left as they are: a tied output layer's, made up for by the norm before it where there is one,
     see :mod:`~lightning_intrafusion.tied_output`). Returns how many removed channels were merged somewhere,
-    and the name of the norm that makes up for a tied output layer, if one does."""
+    the name of the norm that makes up for a tied output layer, if one does, and the merge matrices."""
     channels = _expand_index(kept, unit)
     merged = int((transport.sum(0) > 0).sum().item()) - len(channels)
     if merged == 0 and not (config.correct_variance and _batchnorm_after_consumers(graph, group)):
-        return 0, None  # every kept channel keeps only itself: nothing to merge, nothing to correct
+        identity = torch.zeros(len(channels), transport.shape[1], dtype=torch.float64)
+        identity[torch.arange(len(channels)), channels] = 1.0
+        # every kept channel keeps only itself: nothing to merge, nothing to correct
+        return 0, None, {"producer": identity, "consumer": identity}
     slices = [s for s in group.slices if s.key not in leave]
     # channel similarities, once per group: norm preservation, BN statistics and the variance estimate share them
     similarity = channel_gram(slices, group.folds, ("producer",))
@@ -453,7 +520,7 @@ def _fuse(graph: tp.DependencyGraph, group: PrunableGroup, transport: Tensor, ke
         _correct_following_batchnorms(graph, group, ratios)
     folded = _fold_tied_output(graph, group, [s for s in group.slices if s.key in leave], mats["consumer"], channels, fused)
     _assign(group, fused)
-    return merged, folded
+    return merged, folded, mats
 
 
 def _fold_tied_output(graph: tp.DependencyGraph, group: PrunableGroup, left: Sequence[ChannelSlice], merge: Tensor,

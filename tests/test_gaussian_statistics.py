@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_same_state, state
+from helpers import EvenUnitsFirst, assert_same_state, state
 from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion import gaussian_statistics
 from lightning_intrafusion.gaussian_statistics import gaussian_input_statistics
@@ -197,3 +197,63 @@ def test_a_model_rejecting_modelled_inputs_is_pruned_without_the_compensation_an
         prune(ours, ids, 0.5)
     prune(without, ids, 0.5, ot_config=OTConfig(gaussian_compensation=False))
     assert_same_state(state(ours), state(without))
+
+
+# --- OTConfig(compensate_merged=True): merge by OT, then regress on the merged kept channels ---------------------
+
+def _duplicated_layer_norm_mlp(d=8, distinct=6, seed=0):
+    """A LayerNorm MLP whose hidden neuron 2m+1 is a copy of neuron 2m, each with half of one output column:
+    keeping the even neurons (:class:`EvenUnitsFirst`) and merging the odd ones into them keeps the function."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * distinct), nn.ReLU(), nn.Linear(2 * distinct, d)).eval()
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(distinct, d).repeat_interleave(2, 0))
+        model[1].bias.copy_(torch.randn(distinct).repeat_interleave(2))
+        model[3].weight.copy_(torch.randn(d, distinct).repeat_interleave(2, 1) / 2)
+    return model
+
+
+def test_compensating_merged_channels_keeps_exact_duplicates_exact():
+    model = _duplicated_layer_norm_mlp()
+    fused, plain = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(fused, torch.randn(4, 8), 0.5, importance=EvenUnitsFirst(), ot_config=OTConfig(compensate_merged=True))
+    prune(plain, torch.randn(4, 8), 0.5, importance=EvenUnitsFirst(), method="default")
+    assert fused[1].out_features == 6 and report.groups[0].merged == 6
+    x = torch.randn(256, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-4)
+    assert _output_error(model, plain, x) > 1e-2
+
+
+def test_compensating_merged_channels_improves_on_merging_alone_on_inputs_that_follow_the_model():
+    """The regression on the merged kept neurons (moments before and after fusion, paired on the Gaussian model)
+    leaves the pruned block closer to the unpruned one than the merge alone, on inputs the model describes."""
+    model = _layer_norm_mlp(hidden=64)
+    example, fresh = torch.randn(4, 16), torch.randn(2048, 16)
+    merged, alone = copy.deepcopy(model), copy.deepcopy(model)
+    report = prune(merged, example, 0.5, ot_config=OTConfig(compensate_merged=True))
+    prune(alone, example, 0.5, ot_config=OTConfig(gaussian_compensation=False))
+    assert report.groups[0].merged > 0  # merged by OT as without compensation (max_cost_without_bn) ...
+    assert torch.equal(merged[1].weight, alone[1].weight)  # ... the same producer rows as OT alone
+    assert _output_error(model, merged, fresh) < 0.7 * _output_error(model, alone, fresh)
+
+
+def test_joint_statistics_pair_the_passes_before_and_after_a_change():
+    """Unchanged model: both halves of the joint moments are the same stream (mean, covariance and cross
+    covariance agree); after a change to the producer, the 'before' half is still the unchanged model's."""
+    from lightning_intrafusion.snapshot import ModelSnapshot
+
+    model = _layer_norm_mlp(hidden=8)
+    before = ModelSnapshot(model)
+    joint = gaussian_statistics.gaussian_joint_statistics(model, before, torch.randn(4, 16), {"3.weight"}, {"3.weight"})
+    stats = joint["3.weight"]
+    m = 8
+    assert torch.allclose(stats.mean[:m], stats.mean[m:])
+    assert torch.allclose(stats.second_moment[:m, :m], stats.second_moment[:m, m:])
+    with torch.no_grad():
+        model[1].weight.data = model[1].weight.data * 2.0  # rebound, as fusion does
+    changed = gaussian_statistics.gaussian_joint_statistics(model, before, torch.randn(4, 16), {"3.weight"}, {"3.weight"})
+    again = changed["3.weight"]
+    assert torch.allclose(again.mean[:m], stats.mean[:m])  # the snapshot's state, the same modelled passes
+    assert not torch.allclose(again.mean[m:], again.mean[:m])
+    assert torch.allclose(again.second_moment[:m, :m], stats.second_moment[:m, :m])
