@@ -278,6 +278,7 @@ ABLATIONS = {
     "solver: Sinkhorn also without data": {"solver": "sinkhorn"},
     "with linear compensation: merge as with mean compensation (no near-duplicate limit)": {"max_cost_regressed": None},
     "without data: no Gaussian compensation (groups without BN merged by OT alone)": {"gaussian_compensation": False},
+    "without data: compensate_merged (merged by OT as alone, then regressed on the merged neurons)": {"compensate_merged": True},
 }
 
 # --ablations: prune() settings other than OTConfig, changed one at a time
