@@ -299,5 +299,5 @@ def unmerged_columns(weight: Tensor, positions: Tensor, merge: Tensor, kept: Ten
     kept, removed = kept.to(weight.device), removed.to(weight.device)
     rest = columns[:, kept] - torch.einsum("kr,orx->okx", t[:, removed], columns[:, removed])
     base = columns.clone()
-    base[:, kept] = torch.einsum("ak,okx->oax", torch.linalg.inv(t[:, kept]), rest)
+    base[:, kept] = torch.einsum("ak,okx->oax", torch.linalg.pinv(t[:, kept]), rest)
     return base.reshape(weight.shape[0], n, c, *weight.shape[2:])

@@ -12,7 +12,7 @@ from helpers import EvenUnitsFirst, assert_same_state, state
 from lightning_intrafusion import OTConfig, prune
 from lightning_intrafusion import gaussian_statistics
 from lightning_intrafusion.gaussian_statistics import gaussian_input_statistics
-from lightning_intrafusion.models import SmallVGG
+from lightning_intrafusion.models import SmallTransformer, SmallVGG
 
 
 def _layer_norm_mlp(d=16, hidden=64, seed=0):
@@ -257,3 +257,19 @@ def test_joint_statistics_pair_the_passes_before_and_after_a_change():
     assert torch.allclose(again.mean[:m], stats.mean[:m])  # the snapshot's state, the same modelled passes
     assert not torch.allclose(again.mean[m:], again.mean[:m])
     assert torch.allclose(again.second_moment[:m, :m], stats.second_moment[:m, :m])
+
+
+def test_compensating_merged_heads_of_multihead_attention_solves_its_projection_inputs():
+    """``nn.MultiheadAttention`` applies its output projection without calling it: its inputs before and after
+    fusion are solved from the module's outputs, so the heads' consumer gets the regression (without it the
+    projection would be OT alone's: no head is merged here)."""
+    torch.manual_seed(0)
+    model = SmallTransformer(dim=32, heads=4, mlp=64, attention="torch").eval()
+    images = torch.randn(4, 1, 8, 8)
+    merged, alone = copy.deepcopy(model), copy.deepcopy(model)
+    prune(merged, images, 0.5, include=["*.attn"], ot_config=OTConfig(compensate_merged=True))
+    prune(alone, images, 0.5, include=["*.attn"], ot_config=OTConfig(gaussian_compensation=False))
+    first = model.blocks[0].attn.out_proj.weight.shape
+    assert merged.blocks[0].attn.out_proj.weight.shape == (first[0], first[1] // 2)
+    assert not torch.equal(merged.blocks[0].attn.out_proj.weight, alone.blocks[0].attn.out_proj.weight)
+    assert torch.isfinite(merged(images)).all()
