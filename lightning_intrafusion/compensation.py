@@ -269,7 +269,7 @@ def merged_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[
         positions = s.positions.to(stats.mean.device)
         staying = positions[kept]  # (k, c)
         source = staying + width  # the fused kept channels' positions in [x, x']
-        base = unmerged_columns(weight, s.positions, merge, kept, removed)  # (out, n, c, *kernel)
+        base = _unmerged_columns(weight, s.positions, merge, kept, removed)  # (out, n, c, *kernel)
         prior = merge.double().T.to(stats.mean.device)  # (n, k): x_i ~ sum_j prior[i, j] x'_j is what the merge assumes
         coefficients = prior
         if stats.second_moment is not None:
@@ -288,7 +288,7 @@ def merged_linear_compensation(slices: Sequence[ChannelSlice], statistics: Dict[
     return updates
 
 
-def unmerged_columns(weight: Tensor, positions: Tensor, merge: Tensor, kept: Tensor, removed: Tensor) -> Tensor:
+def _unmerged_columns(weight: Tensor, positions: Tensor, merge: Tensor, kept: Tensor, removed: Tensor) -> Tensor:
     """A consumer's columns for a group's ``n`` channels as they were before the group's merge (``merge``,
     ``k x n``, made the kept ones ``sum_i merge[j, i] W_i``; removed ones are untouched until removal), as
     ``(out, n, c, *kernel)`` for ``positions`` ``(n, c)``; merges of the rows by other groups stay."""
