@@ -20,7 +20,7 @@ what keep the residual stream and the logits in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Collection, Dict, Iterable, Optional, Sequence
+from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -68,6 +68,30 @@ def output_inverse(projection: nn.Linear) -> Optional[Tensor]:
     return torch.linalg.pinv(weight)
 
 
+def layer_input_hooks(model: nn.Module, wanted: Callable[[str, nn.Module], bool],
+                      on_input: Callable[[str, nn.Module, Any, int], None],
+                      on_attention_output: Callable[[str, nn.MultiheadAttention, Any], None]) -> List[Any]:
+    """Forward hooks (handles) passing the input of every ``wanted(key, layer)`` consumer layer, by its weight's
+    key, to ``on_input(key, layer, x, channel_dim)``: linear layers and Hugging Face ``Conv1D`` (channels last),
+    convolutions (dim 1; transposed ones are not consumers here). ``nn.MultiheadAttention`` applies its output
+    projection without calling it, so the module's output goes to ``on_attention_output(key, module, output)``
+    instead (key: the projection's weight)."""
+    hooks = []
+    for name, module in model.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(module, nn.MultiheadAttention):
+            key = f"{name}.out_proj.weight" if name else "out_proj.weight"
+            if wanted(key, module.out_proj):
+                hooks.append(module.register_forward_hook(lambda m, args, output, key=key: on_attention_output(
+                    key, m, output[0] if isinstance(output, tuple) else output)))
+        elif isinstance(module, (nn.Linear,) + transposed_linear_types()) and wanted(key, module):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: on_input(key, m, args[0] if args else None, -1)))
+        elif (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+              and wanted(key, module)):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: on_input(key, m, args[0] if args else None, 1)))
+    return hooks
+
+
 @torch.no_grad()
 def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batches: Optional[int] = None,
                               keys: Optional[Collection[str]] = None,
@@ -93,25 +117,17 @@ def consumer_input_statistics(model: nn.Module, batches: Iterable[Any], max_batc
 
     hooks = []
     attention_outputs: Dict[str, nn.MultiheadAttention] = {}
-    for name, module in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if isinstance(module, nn.MultiheadAttention):
-            key = f"{name}.out_proj.weight" if name else "out_proj.weight"
-            if wanted(key, module.out_proj):
-                attention_outputs[key] = module
-                has_bias[key] = module.out_proj.bias is not None
-                hooks.append(module.register_forward_hook(
-                    lambda m, args, output, key=key: add(key + ".output", output[0] if isinstance(output, tuple) else output,
-                                                         -1, key in second_moments)))
-        elif isinstance(module, (nn.Linear,) + transposed_linear_types()) and wanted(key, module):
-            has_bias[key] = module.bias is not None
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, key=key: add(key, args[0] if args else None, -1, key in second_moments)))
-        elif (isinstance(module, nn.modules.conv._ConvNd) and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-              and wanted(key, module)):
-            has_bias[key] = module.bias is not None
-            cross = key in second_moments and module.groups == 1
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key, cross=cross: add(key, args[0] if args else None, 1, cross)))
+
+    def on_input(key: str, layer: nn.Module, x: Any, dim: int) -> None:
+        has_bias[key] = layer.bias is not None
+        add(key, x, dim, key in second_moments and getattr(layer, "groups", 1) == 1)
+
+    def on_attention_output(key: str, module: nn.MultiheadAttention, output: Any) -> None:
+        attention_outputs[key] = module
+        has_bias[key] = module.out_proj.bias is not None
+        add(key + ".output", output, -1, key in second_moments)
+
+    hooks = layer_input_hooks(model, wanted, on_input, on_attention_output)
     observe_batches(model, batches, max_batches, "calibration_data", hooks)
     # (mean, E[x x^T] or None) per key, each computed once
     computed = {key: (m.mean(), m.second_moment() if m.cross else None) for key, m in moments.items()}

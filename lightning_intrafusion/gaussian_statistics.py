@@ -21,15 +21,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import replace
-from typing import Any, Collection, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_intrafusion.calibration import ChannelMoments, observe_batches
-from lightning_intrafusion.compensation import InputStatistics, consumer_input_statistics, output_inverse
+from lightning_intrafusion.compensation import InputStatistics, consumer_input_statistics, layer_input_hooks, output_inverse
 from lightning_intrafusion.snapshot import ModelSnapshot
-from lightning_intrafusion.surgery import transposed_linear_types
 
 SAMPLES = 4096  # input rows (tokens, pixels) per layer to aim for
 MAX_PASSES = 64  # forward passes at most
@@ -62,18 +61,29 @@ def gaussian_input_statistics(model: nn.Module, example_inputs: Any, keys: Colle
     were. A model whose forward rejects the modelled inputs (e.g. one that counts end-of-sequence tokens among
     the ids) gets no statistics, with a warning."""
     keys = set(keys)
-    norms = [module for module in model.modules() if is_norm(module)]
-    if not keys or not norms:
+    if not keys:
         return {}
+    return _on_modelled_norms(model, seed, {}, lambda drawn, noise: _modelled_statistics(
+        model, example_inputs, keys, second_moments, samples, max_passes, seed, drawn, noise))
+
+
+def _on_modelled_norms(model: nn.Module, seed: int, nothing: Any, run: Callable[[torch.Generator, torch.Generator], Any]) -> Any:
+    """``run(drawn, noise)`` with every norm of ``model`` outputting what it draws from ``drawn`` (``noise``: for the
+    inputs), hooks removed afterwards; ``nothing`` for a model without norms, or, with a warning, one whose forward
+    rejects the modelled inputs (e.g. one that counts end-of-sequence tokens among the ids)."""
+    norms = [module for module in model.modules() if is_norm(module)]
+    if not norms:
+        return nothing
     drawn, noise = torch.Generator(), torch.Generator().manual_seed(seed)  # norm outputs, input noise
     hooks = [norm.register_forward_hook(_standard_output(drawn)) for norm in norms]
     try:
-        return _modelled_statistics(model, example_inputs, keys, second_moments, samples, max_passes, seed, drawn, noise)
+        return run(drawn, noise)
     except Exception as error:  # the model checks its inputs: nothing to model, the step goes on without it
-        # (stacklevel: the caller of prune(), through consumer_statistics and _Step.run)
+        # (stacklevel: the caller of prune(), through gaussian_input_statistics or modelled_layers (each with its
+        # no_grad wrapper), _Step.consumer_statistics or modelled_consumers, and _Step.run)
         warnings.warn(f"no data-free compensation (OTConfig.gaussian_compensation): the model rejected modelled "
-                      f"inputs ({type(error).__name__}: {error})", stacklevel=6)
-        return {}
+                      f"inputs ({type(error).__name__}: {error})", stacklevel=7)
+        return nothing
     finally:
         for handle in hooks:
             handle.remove()
@@ -114,21 +124,10 @@ def modelled_layers(model: nn.Module, example_inputs: Any, keys: Collection[str]
     """Those of the keyed layers whose inputs the Gaussian model describes: they depend on norm outputs only,
     not on the example inputs' values (the check of :func:`gaussian_input_statistics`); a model rejecting the
     modelled inputs has none, with a warning."""
-    norms = [module for module in model.modules() if is_norm(module)]
-    if not keys or not norms:
+    if not keys:
         return set()
-    drawn, noise = torch.Generator(), torch.Generator().manual_seed(seed)
-    hooks = [norm.register_forward_hook(_standard_output(drawn)) for norm in norms]
-    try:
-        return _independent_layers(model, example_inputs, set(keys), samples, max_passes, seed, drawn, noise)[0]
-    except Exception as error:  # the model checks its inputs: nothing to model, the step goes on without it
-        # (stacklevel: the caller of prune(), through modelled_consumers and _Step.run)
-        warnings.warn(f"no data-free compensation (OTConfig.gaussian_compensation): the model rejected modelled "
-                      f"inputs ({type(error).__name__}: {error})", stacklevel=6)
-        return set()
-    finally:
-        for handle in hooks:
-            handle.remove()
+    return _on_modelled_norms(model, seed, set(), lambda drawn, noise: _independent_layers(
+        model, example_inputs, set(keys), samples, max_passes, seed, drawn, noise)[0])
 
 
 @torch.no_grad()
@@ -191,23 +190,17 @@ def _layer_inputs(model: nn.Module, inputs: Any, keys: Collection[str], norms: L
         if key not in seen and isinstance(x, Tensor) and x.dim() > 0:
             seen[key] = x.detach().movedim(channel_dim, -1).reshape(-1, x.shape[channel_dim]).double()
 
+    def on_input(key: str, layer: nn.Module, x: Any, dim: int) -> None:
+        if getattr(layer, "groups", 1) == 1:
+            keep(key, x, dim)
+
+    def on_attention_output(key: str, module: nn.MultiheadAttention, output: Any) -> None:
+        inverse = output_inverse(module.out_proj) if key not in seen and isinstance(output, Tensor) else None
+        if inverse is not None:
+            keep(key, _solved(output, inverse, module.out_proj.bias), -1)
+
     hooks = [norm.register_forward_hook(_standard_output(drawn)) for norm in norms]
-    for name, module in model.named_modules():
-        key = f"{name}.weight" if name else "weight"
-        if isinstance(module, nn.MultiheadAttention):
-            key = f"{name}.out_proj.weight" if name else "out_proj.weight"
-            if key in keys:
-                inverse = output_inverse(module.out_proj)
-                bias = module.out_proj.bias
-                if inverse is not None:
-                    hooks.append(module.register_forward_hook(
-                        lambda m, args, output, key=key, inverse=inverse, bias=bias: keep(
-                            key, _solved(output[0] if isinstance(output, tuple) else output, inverse, bias), -1)))
-        elif key in keys and isinstance(module, (nn.Linear,) + transposed_linear_types()):
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: keep(key, args[0] if args else None, -1)))
-        elif (key in keys and isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1
-              and not isinstance(module, nn.modules.conv._ConvTransposeNd)):
-            hooks.append(module.register_forward_pre_hook(lambda m, args, key=key: keep(key, args[0] if args else None, 1)))
+    hooks += layer_input_hooks(model, lambda key, layer: key in keys, on_input, on_attention_output)
     observe_batches(model, [inputs], None, "example_inputs", hooks)
     return seen
 
